@@ -1,0 +1,219 @@
+"""The RDEIC bitstream container: one image, self-describing and checkable on its own.
+
+Layout (all integers little-endian; ``varint`` is unsigned LEB128)::
+
+    magic        4 bytes  b"RDEC"
+    version      u8       FORMAT_VERSION
+    name_len     u8       then name_len bytes: the model's display name (UTF-8)
+    model_hash   8 bytes  first 8 bytes of SHA-256 of the model's weights + entropy tables
+    width        varint   original size
+    height       varint
+    pad_width    varint   padded to a multiple of 64
+    pad_height   varint
+    y_h, y_w     varint   latent y shape (1/16)
+    z_h, z_w     varint   hyper-latent shape (1/64)
+    index_bits   u8       bits per hyper-latent index
+    seed         u32      decode seed (noise of the relay sampler)
+    symbols_crc  u32      CRC32 of the integer symbols (hyper indices, then y), to detect entropy desync
+    n_sections   u8       then per section: tag u8, length varint
+    payload      the sections' bytes, in order
+    crc32        u32      CRC32 of every byte before it
+
+Sections: 1 = hyper-latent indices, bit-packed; 2 = y symbols, one rANS stream.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import (
+    BadMagicError,
+    BitstreamError,
+    ChecksumError,
+    TruncatedError,
+    UnsupportedVersionError,
+)
+
+MAGIC = b"RDEC"
+FORMAT_VERSION = 1
+PAD = 64
+SECTION_HYPER = 1
+SECTION_Y = 2
+
+
+@dataclass(frozen=True)
+class Header:
+    model_name: str
+    model_hash: bytes
+    width: int
+    height: int
+    pad_width: int
+    pad_height: int
+    y_shape: tuple[int, int]
+    z_shape: tuple[int, int]
+    index_bits: int
+    seed: int
+    symbols_crc: int
+    version: int = FORMAT_VERSION
+
+    @property
+    def model_id(self) -> str:
+        return f"{self.model_name}@{self.model_hash.hex()}"
+
+
+@dataclass(frozen=True)
+class Bitstream:
+    header: Header
+    hyper: bytes  # packed indices
+    y: bytes  # rANS stream
+
+    @property
+    def hyper_indices(self) -> np.ndarray:
+        h, w = self.header.z_shape
+        return unpack_indices(self.hyper, h * w, self.header.index_bits).reshape(h, w)
+
+
+def padded(n: int) -> int:
+    return -(-n // PAD) * PAD
+
+
+# ---------------------------------------------------------------- bit packing
+def pack_indices(indices: np.ndarray, bits: int) -> bytes:
+    """Indices (non-negative, < 2**bits) as a big-endian bit string, zero-padded to whole bytes."""
+    flat = np.asarray(indices, dtype=np.int64).reshape(-1)
+    if flat.size and (flat.min() < 0 or flat.max() >= 1 << bits):
+        raise ValueError(f"indices must be in [0, {1 << bits}), got range [{flat.min()}, {flat.max()}]")
+    shifts = np.arange(bits - 1, -1, -1, dtype=np.int64)
+    bit_matrix = ((flat[:, None] >> shifts) & 1).astype(np.uint8)
+    return np.packbits(bit_matrix.reshape(-1)).tobytes()
+
+
+def unpack_indices(data: bytes, count: int, bits: int) -> np.ndarray:
+    need = -(-count * bits // 8)
+    if len(data) != need:
+        raise BitstreamError(f"hyper-latent section has {len(data)} bytes, expected {need}")
+    bit_array = np.unpackbits(np.frombuffer(data, dtype=np.uint8))[: count * bits].reshape(count, bits)
+    weights = (1 << np.arange(bits - 1, -1, -1, dtype=np.int64))
+    return bit_array.astype(np.int64) @ weights
+
+
+# --------------------------------------------------------------------- varints
+def _varint(n: int) -> bytes:
+    if n < 0:
+        raise ValueError(f"varint must be non-negative, got {n}")
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+class _Reader:
+    def __init__(self, data: bytes) -> None:
+        self.data, self.pos = data, 0
+
+    def take(self, n: int, what: str) -> bytes:
+        if self.pos + n > len(self.data):
+            raise TruncatedError(f"bitstream truncated: it ends inside {what} ({len(self.data)} bytes in all)")
+        out = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    def u8(self, what: str) -> int:
+        return self.take(1, what)[0]
+
+    def u32(self, what: str) -> int:
+        return struct.unpack("<I", self.take(4, what))[0]
+
+    def varint(self, what: str) -> int:
+        value, shift = 0, 0
+        while True:
+            byte = self.u8(what)
+            value |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                return value
+            shift += 7
+            if shift > 63:
+                raise BitstreamError(f"bitstream field {what} is not a valid varint")
+
+
+# ------------------------------------------------------------------ write/read
+def write(header: Header, hyper: bytes, y: bytes) -> bytes:
+    name = header.model_name.encode()
+    if len(name) > 255 or len(header.model_hash) != 8:
+        raise ValueError("model name must be <= 255 bytes and model hash 8 bytes")
+    parts = [
+        MAGIC,
+        bytes([header.version, len(name)]),
+        name,
+        header.model_hash,
+        b"".join(_varint(v) for v in (header.width, header.height, header.pad_width, header.pad_height,
+                                       *header.y_shape, *header.z_shape)),
+        bytes([header.index_bits]),
+        struct.pack("<II", header.seed & 0xFFFFFFFF, header.symbols_crc & 0xFFFFFFFF),
+        bytes([2]),
+        bytes([SECTION_HYPER]) + _varint(len(hyper)),
+        bytes([SECTION_Y]) + _varint(len(y)),
+        hyper,
+        y,
+    ]
+    body = b"".join(parts)
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def read(data: bytes) -> Bitstream:
+    """Parse and verify a bitstream; raises a specific BitstreamError subclass on any defect."""
+    data = bytes(data)
+    if data[: len(MAGIC)] != MAGIC[: len(data)] or not data:
+        raise BadMagicError(f"not an RDEIC bitstream (starts with {data[:4]!r}, expected {MAGIC!r})")
+    r = _Reader(data)
+    r.take(len(MAGIC), "the magic bytes")
+    version = r.u8("the format version")
+    if version != FORMAT_VERSION:
+        raise UnsupportedVersionError(f"bitstream format version {version} is not supported (this decoder reads {FORMAT_VERSION})")
+    name_bytes = r.take(r.u8("the model name length"), "the model name")
+    model_hash = r.take(8, "the model hash")
+    dims = [r.varint("the image and latent sizes") for _ in range(8)]
+    index_bits = r.u8("the index width")
+    seed, symbols_crc = r.u32("the seed"), r.u32("the symbol CRC")
+    sections = {}
+    order = []
+    for _ in range(r.u8("the section count")):
+        tag = r.u8("the section table")
+        sections[tag] = r.varint("the section table")
+        order.append(tag)
+    payload = {tag: r.take(sections[tag], f"section {tag}") for tag in order}
+    body_end = r.pos
+    stored_crc = r.u32("the trailing CRC32")
+    if r.pos != len(data):
+        raise BitstreamError(f"bitstream has {len(data) - r.pos} unexpected bytes after its CRC32")
+    if zlib.crc32(data[:body_end]) != stored_crc:
+        raise ChecksumError("bitstream CRC32 mismatch: the data was altered or corrupted")
+    try:
+        name = name_bytes.decode()
+    except UnicodeDecodeError:
+        raise BitstreamError("bitstream model name is not UTF-8") from None
+    header = Header(name, model_hash, *dims[:4], tuple(dims[4:6]), tuple(dims[6:8]), index_bits, seed, symbols_crc, version)
+    _check_consistent(header, payload)
+    return Bitstream(header, payload[SECTION_HYPER], payload[SECTION_Y])
+
+
+def _check_consistent(h: Header, payload: dict[int, bytes]) -> None:
+    problems = []
+    if h.width < 1 or h.height < 1:
+        problems.append(f"image size {h.width}x{h.height}")
+    if (h.pad_width, h.pad_height) != (padded(h.width), padded(h.height)):
+        problems.append(f"padded size {h.pad_width}x{h.pad_height} for {h.width}x{h.height}")
+    if h.y_shape != (h.pad_height // 16, h.pad_width // 16) or h.z_shape != (h.pad_height // 64, h.pad_width // 64):
+        problems.append(f"latent shapes y={h.y_shape} z={h.z_shape}")
+    if not 1 <= h.index_bits <= 32:
+        problems.append(f"index width {h.index_bits}")
+    if set(payload) != {SECTION_HYPER, SECTION_Y}:
+        problems.append(f"sections {sorted(payload)}")
+    if problems:
+        raise BitstreamError("bitstream header is inconsistent: " + "; ".join(problems))

@@ -1,0 +1,176 @@
+"""``rdeic``: the one-image codec and model tools.
+
+Errors a user can cause (bad files, wrong model, corrupt bitstream) print one line and
+exit with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from . import bitstream as bs
+from .errors import RdeicError
+
+log = logging.getLogger("rdeic")
+
+DEFAULT_MODEL_ENV = "RDEIC_MODEL"
+
+
+def default_model() -> str | None:
+    """$RDEIC_MODEL, else the demo model bundled with the package, if present."""
+    if os.environ.get(DEFAULT_MODEL_ENV):
+        return os.environ[DEFAULT_MODEL_ENV]
+    bundled = Path(__file__).resolve().parent.parent / "models" / "rdeic-tiny-demo"
+    return str(bundled) if (bundled / "config.json").is_file() else None
+
+
+def _model_arg(value: str | None) -> str:
+    model = value or default_model()
+    if not model:
+        raise RdeicError(f"no model given: pass --model DIR or set ${DEFAULT_MODEL_ENV}")
+    return model
+
+
+def _load_codec(args: argparse.Namespace):
+    from .codec import Codec
+
+    codec = Codec.load(_model_arg(args.model), device=args.device)
+    if codec.model_id.name.startswith("UNTRAINED-"):
+        log.warning("model %s has random weights: its output is noise, for tests only", codec.model_id)
+    return codec
+
+
+def cmd_encode(args: argparse.Namespace) -> None:
+    from .images import read_image
+
+    image = read_image(args.image)
+    codec = _load_codec(args)
+    t0 = time.perf_counter()
+    data = codec.compress([image], seeds=None if args.seed is None else [args.seed])[0]
+    seconds = time.perf_counter() - t0
+    Path(args.output).write_bytes(data)
+    h, w = image.shape[:2]
+    print(f"{args.output}: {len(data)} bytes, {codec.bpp(data, w, h):.4f} bpp, {w}x{h}, "
+          f"model {codec.model_id}, {seconds:.2f} s")
+
+
+def cmd_decode(args: argparse.Namespace) -> None:
+    from .images import write_image
+
+    data = Path(args.input).read_bytes()
+    stream = bs.read(data)  # refuse a bad file before loading any model
+    codec = _load_codec(args)
+    t0 = time.perf_counter()
+    image = codec.decompress([data], steps=args.steps, detail=args.detail)[0]
+    seconds = time.perf_counter() - t0
+    write_image(args.output, image)
+    steps = args.steps or codec.config.diffusion.default_steps
+    print(f"{args.output}: {stream.header.width}x{stream.header.height}, {steps} steps, "
+          f"detail {args.detail}, {seconds:.2f} s")
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    data = Path(args.input).read_bytes()
+    stream = bs.read(data)
+    h = stream.header
+    info = {
+        "file": str(args.input),
+        "bytes": len(data),
+        "bpp": round(len(data) * 8 / (h.width * h.height), 6),
+        "format_version": h.version,
+        "model_id": h.model_id,
+        "size": [h.width, h.height],
+        "padded_size": [h.pad_width, h.pad_height],
+        "y_shape": list(h.y_shape),
+        "z_shape": list(h.z_shape),
+        "index_bits": h.index_bits,
+        "seed": h.seed,
+        "symbols_crc32": f"{h.symbols_crc:08x}",
+        "sections": {"hyper_indices": len(stream.hyper), "y": len(stream.y)},
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for key, value in info.items():
+            print(f"{key:15s} {value}")
+
+
+def cmd_init_model(args: argparse.Namespace) -> None:
+    from .weights import init_model, save_model
+
+    model_id = save_model(init_model(args.preset, seed=args.seed), args.out)
+    print(f"{args.out}: {model_id} (random weights, for tests and benchmarks only)")
+
+
+def cmd_model_info(args: argparse.Namespace) -> None:
+    from .weights import describe
+
+    print(json.dumps(describe(args.model), indent=2))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rdeic", description="RDEIC extreme image codec: one image at a time.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress and warnings")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_model(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--model", help=f"model directory (default: ${DEFAULT_MODEL_ENV} or the bundled demo model)")
+        sp.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: cpu)")
+
+    e = sub.add_parser("encode", help="compress one image file to an .rdeic bitstream")
+    e.add_argument("image")
+    e.add_argument("output")
+    e.add_argument("--seed", type=int, help="decode seed to store (default: derived from the content)")
+    with_model(e)
+    e.set_defaults(func=cmd_encode)
+
+    d = sub.add_parser("decode", help="decode an .rdeic bitstream to an image file (PNG)")
+    d.add_argument("input")
+    d.add_argument("output")
+    d.add_argument("--steps", type=int, help="denoising steps L (default: the model's, usually 2)")
+    d.add_argument("--detail", type=float, default=1.0, help="λs: 0 smooth ... 1 as trained ... >1 sharper (default 1)")
+    with_model(d)
+    d.set_defaults(func=cmd_decode)
+
+    i = sub.add_parser("info", help="show a bitstream's header without decoding it")
+    i.add_argument("input")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_info)
+
+    m = sub.add_parser("init-model", help="write a randomly initialised model directory (UNTRAINED)")
+    m.add_argument("--preset", required=True, choices=["tiny", "sd21"])
+    m.add_argument("--out", required=True)
+    m.add_argument("--seed", type=int, default=0)
+    m.set_defaults(func=cmd_init_model)
+
+    mi = sub.add_parser("model-info", help="show a model directory's id and config")
+    mi.add_argument("model")
+    mi.set_defaults(func=cmd_model_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    # compressai's import-time torch.jit.script call warns on every run; it is not ours to fix
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="rdeic: %(levelname)s: %(message)s")
+    try:
+        args.func(args)
+    except (RdeicError, ValueError, OSError) as exc:
+        if args.verbose:
+            log.exception("details")
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"rdeic: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""The codec API every job uses: RGB uint8 images <-> RDEIC bitstreams, batched.
+
+Images of any size are padded (edge replication) to a multiple of 64, grouped by padded
+size into batches, and cropped back after decoding. Decoding is reproducible: the relay
+sampler's noise comes from the seed stored in each bitstream, drawn on the CPU.
+
+On CPU, oneDNN and MKL split reductions differently for different thread counts, which
+changes the last bits of convolutions and so, now and then, a pixel. With
+``deterministic=True`` (the default) the codec runs its float work with one intra-op
+thread, so the same bitstream decodes to the same bytes whatever the process's thread
+settings; scale out with processes (Ray gives each CPU actor one thread anyway).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import defaultdict
+from contextlib import contextmanager
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import bitstream as bs
+from .compression import LatentCode
+from .errors import BitstreamError, EntropyDesyncError, ModelMismatchError
+from .model import RDEIC
+from .weights import ModelId, load_model
+
+
+def check_image(image: np.ndarray, what: str = "image") -> np.ndarray:
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f"{what} must be a numpy array (H, W, 3) of uint8, got {type(image).__name__}")
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"{what} must be RGB uint8 of shape (H, W, 3), got {image.dtype} {image.shape}")
+    if image.shape[0] < 1 or image.shape[1] < 1:
+        raise ValueError(f"{what} is empty: shape {image.shape}")
+    return image
+
+
+def _batches(items: Sequence[int], size: int) -> Iterable[list[int]]:
+    for start in range(0, len(items), size):
+        yield list(items[start:start + size])
+
+
+class Codec:
+    def __init__(
+        self,
+        model: RDEIC,
+        model_id: ModelId,
+        device: str | torch.device | None = None,
+        max_batch: int = 8,
+        deterministic: bool = True,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.device = torch.device(device) if device is not None else model.device
+        self.model = model.to(self.device).eval()
+        self.model_id = model_id
+        self.max_batch = max_batch
+        self.deterministic = deterministic
+
+    @classmethod
+    def load(
+        cls,
+        model_dir: str | os.PathLike,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        max_batch: int = 8,
+        deterministic: bool = True,
+    ) -> "Codec":
+        model, model_id = load_model(model_dir, device=device, dtype=dtype)
+        return cls(model, model_id, device=device, max_batch=max_batch, deterministic=deterministic)
+
+    @contextmanager
+    def _numerics(self):
+        """One intra-op thread on CPU when deterministic (see the module docstring)."""
+        if self.device.type != "cpu" or not self.deterministic:
+            yield
+            return
+        previous = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(previous)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def bpp(self, bitstream: bytes, width: int, height: int) -> float:
+        return len(bitstream) * 8 / (width * height)
+
+    # ------------------------------------------------------------- compress
+    @torch.no_grad()
+    def compress(self, images: Sequence[np.ndarray], seeds: Sequence[int] | None = None) -> list[bytes]:
+        """One bitstream per image. ``seeds`` fixes the decode noise; by default it derives from the content."""
+        images = [check_image(im, f"images[{i}]") for i, im in enumerate(images)]
+        if seeds is not None and len(seeds) != len(images):
+            raise ValueError(f"got {len(seeds)} seeds for {len(images)} images")
+        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for i, im in enumerate(images):
+            groups[(bs.padded(im.shape[0]), bs.padded(im.shape[1]))].append(i)
+        out: list[bytes] = [b""] * len(images)
+        for (ph, pw), members in groups.items():
+            for batch in _batches(members, self.max_batch):
+                x = torch.stack([self._to_tensor(images[i], ph, pw) for i in batch]).to(self.device)
+                with self._numerics():
+                    feat, _ = self.model.vae_features(x.to(self.model.dtype))
+                    codes = self.model.compression.compress(feat.float())
+                for i, code in zip(batch, codes):
+                    seed = code.symbols_crc if seeds is None else int(seeds[i])
+                    out[i] = self._write(images[i].shape, code, seed)
+        return out
+
+    @staticmethod
+    def _to_tensor(image: np.ndarray, ph: int, pw: int) -> torch.Tensor:
+        x = torch.tensor(image).permute(2, 0, 1).float() / 127.5 - 1.0
+        h, w = image.shape[:2]
+        if (h, w) != (ph, pw):
+            x = F.pad(x[None], (0, pw - w, 0, ph - h), mode="replicate")[0]
+        return x
+
+    def _write(self, shape: tuple[int, ...], code: LatentCode, seed: int) -> bytes:
+        h, w = shape[:2]
+        bits = self.config.compression.index_bits
+        header = bs.Header(
+            model_name=self.model_id.name,
+            model_hash=self.model_id.digest,
+            width=w,
+            height=h,
+            pad_width=bs.padded(w),
+            pad_height=bs.padded(h),
+            y_shape=code.y_shape,
+            z_shape=tuple(code.hyper_indices.shape),
+            index_bits=bits,
+            seed=seed & 0xFFFFFFFF,
+            symbols_crc=code.symbols_crc,
+        )
+        return bs.write(header, bs.pack_indices(code.hyper_indices, bits), code.y_string)
+
+    # ----------------------------------------------------------- decompress
+    def parse(self, data: bytes) -> bs.Bitstream:
+        """Parse and check a bitstream against this codec's model (no decoding)."""
+        stream = bs.read(data)
+        h = stream.header
+        if h.model_hash != self.model_id.digest or h.model_name != self.model_id.name:
+            raise ModelMismatchError(f"bitstream was written by model {h.model_id}, this decoder has {self.model_id}")
+        if h.index_bits != self.config.compression.index_bits:
+            raise ModelMismatchError(f"bitstream uses {h.index_bits}-bit indices, the model {self.config.compression.index_bits}")
+        return stream
+
+    def check_decode_args(self, steps: int | None, detail: float) -> int:
+        steps = self.config.diffusion.default_steps if steps is None else steps
+        used = self.config.diffusion.used_timesteps
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= used:
+            raise ValueError(f"steps must be an integer in [1, {used}], got {steps!r}")
+        if not isinstance(detail, (int, float)) or not math.isfinite(detail):
+            raise ValueError(f"detail (λs) must be a finite number, got {detail!r}")
+        return steps
+
+    @torch.no_grad()
+    def decompress(self, bitstreams: Sequence[bytes], steps: int | None = None, detail: float = 1.0) -> list[np.ndarray]:
+        """Decode bitstreams to RGB uint8 images; raises the first bitstream's error, if any."""
+        results = self.decompress_results(bitstreams, steps=steps, detail=detail)
+        for r in results:
+            if isinstance(r, BitstreamError):
+                raise r
+        return results  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def decompress_results(self, bitstreams: Sequence[bytes], steps: int | None = None, detail: float = 1.0) -> list[np.ndarray | BitstreamError]:
+        """Like :meth:`decompress`, but a bad bitstream yields its error in place of an image."""
+        steps = self.check_decode_args(steps, detail)
+        results: list[np.ndarray | BitstreamError] = [None] * len(bitstreams)  # type: ignore[list-item]
+        groups: dict[tuple[int, int], list[tuple[int, bs.Bitstream]]] = defaultdict(list)
+        for i, data in enumerate(bitstreams):
+            try:
+                stream = self.parse(data)
+            except BitstreamError as exc:
+                results[i] = exc
+                continue
+            groups[(stream.header.pad_height, stream.header.pad_width)].append((i, stream))
+        for members in groups.values():
+            for start in range(0, len(members), self.max_batch):
+                batch = members[start:start + self.max_batch]
+                with self._numerics():
+                    images = self._decode_batch([s for _, s in batch], steps, float(detail))
+                for (i, _), image in zip(batch, images):
+                    results[i] = image
+        return results
+
+    def _decode_batch(self, streams: list[bs.Bitstream], steps: int, detail: float) -> list[np.ndarray | BitstreamError]:
+        codes = [LatentCode(s.hyper_indices, s.y, s.header.y_shape, s.header.symbols_crc) for s in streams]
+        latents = self.model.compression.decompress(codes)
+        z_c, hint = latents.z_c, latents.guide_hint
+        ok = [k for k, (s, crc) in enumerate(zip(streams, latents.symbols_crc)) if crc == s.header.symbols_crc]
+        out: list[np.ndarray | BitstreamError] = [
+            EntropyDesyncError("entropy decoding desynchronised: decoded symbols do not match the encoder's CRC")
+        ] * len(streams)
+        if not ok:
+            return out
+        dtype = self.model.dtype
+        start, step_noises = self._noise([streams[k].header.seed for k in ok], tuple(z_c.shape[1:]), steps)
+        z0 = self.model.relay_decode(
+            z_c[ok].to(dtype), hint[ok].to(dtype), steps, detail, start.to(self.device, dtype), [n.to(self.device, dtype) for n in step_noises]
+        )
+        x = self.model.decode_latent(z0).float()
+        pixels = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        for row, k in enumerate(ok):
+            h = streams[k].header
+            out[k] = np.ascontiguousarray(pixels[row, : h.height, : h.width])
+        return out
+
+    @staticmethod
+    def _noise(seeds: list[int], shape: tuple[int, ...], steps: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Start noise and per-step noises for each image, drawn on the CPU from its own seed."""
+        per_image = []
+        for seed in seeds:
+            g = torch.Generator().manual_seed(int(seed))
+            per_image.append([torch.randn(shape, generator=g) for _ in range(steps)])
+        start = torch.stack([draws[0] for draws in per_image])
+        step_noises = [torch.stack([draws[k] for draws in per_image]) for k in range(1, steps)]
+        return start, step_noises

@@ -1,0 +1,326 @@
+"""Latent compression module of RDEIC.
+
+Data flow (paper notation; ``f`` is the VAE encoder feature at 1/8 resolution)::
+
+      f ──g_a──▶ y (M ch, 1/16) ──h_a──▶ z (N ch, 1/64) ──VQ──▶ ẑ  (indices: log2(K) bits each)
+                 │                                           │
+                 │                                          h_s
+                 ▼                                           ▼
+      10 channel slices y_i, each coded anchor-then-non-anchor in a checkerboard:
+        anchor  params = e_a[i](channel_ctx(ŷ_<i), h_s(ẑ))
+        non-anc params = e_n[i](local_ctx(ŷ_i anchors), channel_ctx(ŷ_<i), h_s(ẑ))
+        ŷ_i = round(y_i − μ) + μ, coded with a Gaussian N(μ, σ) (compressai GaussianConditional, rANS)
+                 │
+      ŷ ──g_s──▶ guide hint (M ch, 1/8) ──out──▶ z_c (latent channels, 1/8)
+
+``forward`` is the training path (likelihoods, straight-through rounding, codebook loss);
+``compress``/``decompress`` produce and consume real symbols. The entropy parameters are
+computed in ``config.coding_dtype`` (float64 by default) on both sides, so the CDF index
+of each symbol agrees across devices and thread counts; a CRC of the symbols catches the
+rest. Entropy tables are built once by :meth:`update` and stored with the weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from compressai.ans import BufferedRansEncoder, RansDecoder
+from compressai.entropy_models import GaussianConditional
+from torch import nn
+
+from . import checkerboard as ckbd
+from .config import CompressionConfig
+from .layers import (
+    ChannelContext,
+    EntropyParameters,
+    ResidualBlock,
+    ResidualBlockUpsample,
+    ResidualBlockWithStride,
+    conv3x3,
+)
+from .vq import CodebookQuantizer
+
+ENTROPY_TABLE_KEYS = ("_quantized_cdf", "_offset", "_cdf_length", "scale_table")
+
+
+@dataclass(frozen=True)
+class LatentCode:
+    """One image's entropy-coded latent: what the bitstream's sections carry."""
+
+    hyper_indices: np.ndarray  # (h/64, w/64) codebook indices
+    y_string: bytes  # rANS stream of all y symbols
+    y_shape: tuple[int, int]  # (h/16, w/16)
+    symbols_crc: int  # CRC32 of hyper indices and y symbols, in coding order
+    symbols: np.ndarray | None = field(default=None, compare=False, repr=False)  # y symbols, coding order
+
+
+@dataclass(frozen=True)
+class DecodedLatents:
+    z_c: torch.Tensor  # (B, latent_channels, h/8, w/8)
+    guide_hint: torch.Tensor  # (B, M, h/8, w/8)
+    symbols: list[np.ndarray]  # decoded y symbols per image, coding order
+    symbols_crc: list[int]  # CRC32 of each image's decoded hyper indices and y symbols
+
+
+def _crc_update(crc: int, values: torch.Tensor) -> int:
+    return zlib.crc32(values.to(torch.int32).cpu().numpy().astype("<i4").tobytes(), crc)
+
+
+def _quantize_ste(x: torch.Tensor) -> torch.Tensor:
+    return (torch.round(x) - x).detach() + x
+
+
+class LatentCompression(nn.Module):
+    def __init__(self, config: CompressionConfig) -> None:
+        super().__init__()
+        self.config = config
+        c, M, N, slices = config, config.M, config.N, config.slices
+        self.g_a = nn.Sequential(
+            ResidualBlock(c.in_channels, M),
+            *[ResidualBlock(M, M) for _ in range(3)],
+            ResidualBlockWithStride(M, M),
+            *[ResidualBlock(M, M) for _ in range(3)],
+            conv3x3(M, M),
+        )
+        self.h_a = nn.Sequential(
+            ResidualBlock(M, N), ResidualBlock(N, N), ResidualBlockWithStride(N, N), ResidualBlockWithStride(N, N)
+        )
+        self.h_s = nn.Sequential(
+            ResidualBlockUpsample(N, M),
+            ResidualBlockUpsample(M, M),
+            ResidualBlock(M, M * 3 // 2),
+            ResidualBlock(M * 3 // 2, M * 2),
+        )
+        self.g_s = nn.Sequential(
+            conv3x3(M, M),
+            *[ResidualBlock(M, M) for _ in range(3)],
+            ResidualBlockUpsample(M, M),
+            *[ResidualBlock(M, M) for _ in range(4)],
+        )
+        self.out = conv3x3(M, c.latent_channels)
+        self.local_context = nn.ModuleList(nn.Conv2d(s, 2 * s, 5, padding=2) for s in slices)
+        self.channel_context = nn.ModuleList(
+            [nn.Identity()]
+            + [ChannelContext(sum(slices[:i]), 2 * slices[i], c.context_hidden) for i in range(1, len(slices))]
+        )
+        self.entropy_parameters_anchor = nn.ModuleList(
+            EntropyParameters(2 * M + (2 * s if i else 0), 2 * s) for i, s in enumerate(slices)
+        )
+        self.entropy_parameters_nonanchor = nn.ModuleList(
+            EntropyParameters(2 * M + (4 * s if i else 2 * s), 2 * s) for i, s in enumerate(slices)
+        )
+        self.quantizer = CodebookQuantizer(c.codebook_size, N)
+        self.gaussian_conditional = GaussianConditional(None)
+        # held in a tuple so that nn.Module does not register the copy as a submodule
+        self._coding_copy: tuple[nn.ModuleDict, ...] = ()
+        self._cdf_lists: tuple[list, list, list] | None = None
+
+    # ------------------------------------------------------------------ tables
+    def scale_table(self) -> list[float]:
+        c = self.config
+        return torch.exp(torch.linspace(math.log(c.scale_min), math.log(c.scale_max), c.scale_levels)).tolist()
+
+    def update(self, force: bool = False) -> bool:
+        """Build the entropy tables (CDFs) from the scale table; done once, then stored with the weights."""
+        updated = self.gaussian_conditional.update_scale_table(self.scale_table(), force=force)
+        self._cdf_lists = None
+        return updated
+
+    def has_entropy_tables(self) -> bool:
+        return self.gaussian_conditional._quantized_cdf.numel() > 0
+
+    def entropy_tables(self) -> dict[str, torch.Tensor]:
+        gc = self.gaussian_conditional
+        return {k: getattr(gc, k).detach().cpu().contiguous() for k in ENTROPY_TABLE_KEYS}
+
+    def load_entropy_tables(self, tables: dict[str, torch.Tensor]) -> None:
+        missing = [k for k in ENTROPY_TABLE_KEYS if k not in tables]
+        if missing:
+            raise ValueError(f"entropy tables lack {missing}")
+        gc = self.gaussian_conditional
+        for k in ENTROPY_TABLE_KEYS:
+            current = getattr(gc, k)
+            setattr(gc, k, tables[k].to(device=current.device, dtype=current.dtype).clone())
+        self._cdf_lists = None
+
+    def _cdfs(self) -> tuple[list, list, list]:
+        if not self.has_entropy_tables():
+            raise RuntimeError("entropy tables are missing: call update() once after training, then save them")
+        if self._cdf_lists is None:
+            gc = self.gaussian_conditional
+            self._cdf_lists = (
+                gc._quantized_cdf.tolist(),
+                gc._cdf_length.reshape(-1).int().tolist(),
+                gc._offset.reshape(-1).int().tolist(),
+            )
+        return self._cdf_lists
+
+    # ------------------------------------------------- coding-precision copies
+    def _coding_modules(self) -> nn.ModuleDict:
+        """The modules both encoder and decoder evaluate, in ``coding_dtype`` (cached, no grad)."""
+        if not self._coding_copy:
+            dtype = getattr(torch, self.config.coding_dtype)
+            parts = nn.ModuleDict(
+                {
+                    "h_s": self.h_s,
+                    "local": self.local_context,
+                    "channel": self.channel_context,
+                    "anchor": self.entropy_parameters_anchor,
+                    "nonanchor": self.entropy_parameters_nonanchor,
+                }
+            )
+            self._coding_copy = (copy.deepcopy(parts).to(dtype).requires_grad_(False),)
+        return self._coding_copy[0]
+
+    def _invalidate(self) -> None:
+        self._coding_copy = ()
+        self._cdf_lists = None
+
+    def train(self, mode: bool = True) -> "LatentCompression":
+        self._invalidate()
+        return super().train(mode)
+
+    def _apply(self, fn, recurse: bool = True):  # .to(), .cuda(), .double() ...
+        self._invalidate()
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._invalidate()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    # ------------------------------------------------------------ training path
+    def _slice_bounds(self) -> list[tuple[int, int]]:
+        edges = np.cumsum((0,) + tuple(self.config.slices)).tolist()
+        return list(zip(edges[:-1], edges[1:]))
+
+    def forward(self, feat: torch.Tensor) -> dict:
+        """Training forward. Returns z_c, guide_hint, y likelihoods (noisy and rounded) and the VQ loss."""
+        y = self.g_a(feat)
+        z = self.h_a(y)
+        z_q, vq_loss, indices = self.quantizer(z)
+        hyper = self.h_s(z_q)
+        gc = self.gaussian_conditional
+        y_hats, lik, qlik = [], [], []
+        for i, (a, b) in enumerate(self._slice_bounds()):
+            y_i = y[:, a:b]
+            ctx = [] if i == 0 else [self.channel_context[i](torch.cat(y_hats, dim=1))]
+            s_a, m_a = self.entropy_parameters_anchor[i](torch.cat(ctx + [hyper], dim=1)).chunk(2, 1)
+            s_a, m_a = ckbd.mask(s_a, True), ckbd.mask(m_a, True)
+            anchor_hat = _quantize_ste(ckbd.mask(y_i, True) - m_a) + m_a
+            local = self.local_context[i](anchor_hat)
+            s_n, m_n = self.entropy_parameters_nonanchor[i](torch.cat([local] + ctx + [hyper], dim=1)).chunk(2, 1)
+            s_n, m_n = ckbd.mask(s_n, False), ckbd.mask(m_n, False)
+            scales, means = s_a + s_n, m_a + m_n
+            lik.append(gc(y_i, scales, means)[1])
+            qlik.append(gc(y_i, scales, means, False)[1])
+            nonanchor_hat = _quantize_ste(ckbd.mask(y_i, False) - m_n) + m_n
+            y_hats.append(anchor_hat + nonanchor_hat)
+        y_hat = torch.cat(y_hats, dim=1)
+        guide = self.g_s(y_hat)
+        return {
+            "z_c": self.out(guide),
+            "guide_hint": guide,
+            "likelihoods": torch.cat(lik, dim=1),
+            "q_likelihoods": torch.cat(qlik, dim=1),
+            "vq_loss": vq_loss,
+            "indices": indices,
+            "y_hat": y_hat,
+        }
+
+    # --------------------------------------------------------------- coding path
+    @torch.no_grad()
+    def compress(self, feat: torch.Tensor) -> list[LatentCode]:
+        """Entropy-code a batch of VAE features (B, in_channels, h/8, w/8) into one LatentCode per image."""
+        y = self.g_a(feat)
+        _, indices = self.quantizer.quantize(self.h_a(y))
+        ctxm = self._coding_modules()
+        dtype = getattr(torch, self.config.coding_dtype)
+        hyper = ctxm["h_s"](self.quantizer.lookup(indices).to(dtype))
+        y = y.to(dtype)
+        gc = self.gaussian_conditional
+        batch = y.shape[0]
+        symbols: list[list[torch.Tensor]] = [[] for _ in range(batch)]
+        cdf_idx: list[list[torch.Tensor]] = [[] for _ in range(batch)]
+        y_hats: list[torch.Tensor] = []
+
+        def code(values: torch.Tensor, scales: torch.Tensor, means: torch.Tensor, anchor: bool) -> torch.Tensor:
+            v, s, m = (ckbd.squeeze(t, anchor) for t in (values, scales, means))
+            sym = torch.round(v - m)
+            idx = gc.build_indexes(s)
+            for n in range(batch):
+                symbols[n].append(sym[n].reshape(-1).to(torch.int32).cpu())
+                cdf_idx[n].append(idx[n].reshape(-1).cpu())
+            return ckbd.unsqueeze(sym + m, anchor)
+
+        for i, (a, b) in enumerate(self._slice_bounds()):
+            ctx = [] if i == 0 else [ctxm["channel"][i](torch.cat(y_hats, dim=1))]
+            s_a, m_a = ctxm["anchor"][i](torch.cat(ctx + [hyper], dim=1)).chunk(2, 1)
+            anchor_hat = code(y[:, a:b], s_a, m_a, anchor=True)
+            local = ctxm["local"][i](anchor_hat)
+            s_n, m_n = ctxm["nonanchor"][i](torch.cat([local] + ctx + [hyper], dim=1)).chunk(2, 1)
+            y_hats.append(anchor_hat + code(y[:, a:b], s_n, m_n, anchor=False))
+
+        cdf, lengths, offsets = self._cdfs()
+        codes = []
+        for n in range(batch):
+            sym = torch.cat(symbols[n])
+            encoder = BufferedRansEncoder()
+            encoder.encode_with_indexes(sym.tolist(), torch.cat(cdf_idx[n]).tolist(), cdf, lengths, offsets)
+            hyper_idx = indices[n].cpu()
+            crc = _crc_update(_crc_update(0, hyper_idx), sym)
+            codes.append(
+                LatentCode(hyper_idx.numpy().astype(np.int64), encoder.flush(), tuple(y.shape[-2:]), crc, sym.numpy())
+            )
+        return codes
+
+    @torch.no_grad()
+    def decompress(self, codes: list[LatentCode]) -> DecodedLatents:
+        """Decode LatentCodes of one shape (their ``symbols_crc`` is not consulted here)."""
+        shapes = {(c.y_shape, c.hyper_indices.shape) for c in codes}
+        if len(shapes) != 1:
+            raise ValueError(f"decompress takes codes of one shape per call, got {sorted(shapes)}")
+        device = self.out.weight.device
+        dtype = getattr(torch, self.config.coding_dtype)
+        indices = torch.from_numpy(np.stack([c.hyper_indices for c in codes])).long().to(device)
+        ctxm = self._coding_modules()
+        hyper = ctxm["h_s"](self.quantizer.lookup(indices).to(dtype))
+        gc = self.gaussian_conditional
+        cdf, lengths, offsets = self._cdfs()
+        decoders = []
+        crcs = []
+        decoded: list[list[torch.Tensor]] = [[] for _ in codes]
+        for c in codes:
+            dec = RansDecoder()
+            dec.set_stream(c.y_string)
+            decoders.append(dec)
+            crcs.append(_crc_update(0, torch.from_numpy(c.hyper_indices)))
+        y_hats: list[torch.Tensor] = []
+
+        def decode(scales: torch.Tensor, means: torch.Tensor, anchor: bool) -> torch.Tensor:
+            s, m = ckbd.squeeze(scales, anchor), ckbd.squeeze(means, anchor)
+            idx = gc.build_indexes(s).cpu()
+            rows = []
+            for n, dec in enumerate(decoders):
+                vals = torch.tensor(dec.decode_stream(idx[n].reshape(-1).tolist(), cdf, lengths, offsets))
+                crcs[n] = _crc_update(crcs[n], vals)
+                decoded[n].append(vals.to(torch.int32))
+                rows.append(vals.reshape(s.shape[1:]))
+            sym = torch.stack(rows).to(device=device, dtype=dtype)
+            return ckbd.unsqueeze(sym + m, anchor)
+
+        for i in range(len(self.config.slices)):
+            ctx = [] if i == 0 else [ctxm["channel"][i](torch.cat(y_hats, dim=1))]
+            s_a, m_a = ctxm["anchor"][i](torch.cat(ctx + [hyper], dim=1)).chunk(2, 1)
+            anchor_hat = decode(s_a, m_a, anchor=True)
+            local = ctxm["local"][i](anchor_hat)
+            s_n, m_n = ctxm["nonanchor"][i](torch.cat([local] + ctx + [hyper], dim=1)).chunk(2, 1)
+            y_hats.append(anchor_hat + decode(s_n, m_n, anchor=False))
+
+        y_hat = torch.cat(y_hats, dim=1).to(self.out.weight.dtype)
+        guide = self.g_s(y_hat)
+        return DecodedLatents(self.out(guide), guide, [torch.cat(d).numpy() for d in decoded], crcs)

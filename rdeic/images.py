@@ -1,0 +1,75 @@
+"""Reading and writing image files for the CLI (the codec itself takes RGB uint8 arrays)."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import RdeicError
+
+
+class ImageReadError(RdeicError, ValueError):
+    """An input file is not a readable image."""
+
+
+def to_rgb(img: Image.Image) -> np.ndarray:
+    """Apply EXIF orientation and convert any mode (L, P, RGBA, CMYK, I;16 ...) to RGB uint8.
+
+    Alpha is composited over white; 16-bit and float modes are scaled to 8 bits.
+    """
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if arr.max() > 255 or img.mode.startswith("I;16") else 255.0
+        arr = np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(arr[..., None], 3, axis=2)
+    if img.mode == "F":
+        arr = np.clip(np.asarray(img, dtype=np.float64), 0, 1) * 255.0 + 0.5
+        return np.repeat(arr.astype(np.uint8)[..., None], 3, axis=2)
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def open_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
+    """Open image bytes, refusing anything over ``max_pixels`` before decoding pixels."""
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ImageReadError("not a recognised image format") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageReadError(f"refused as a decompression bomb: {exc}") from None
+    w, h = img.size
+    if max_pixels is not None and w * h > max_pixels:
+        raise ImageReadError(f"image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}")
+    try:
+        img.load()
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageReadError(f"image data is corrupt or truncated: {exc}") from None
+    return img
+
+
+def read_image(path: str | os.PathLike, max_pixels: int | None = None) -> np.ndarray:
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return to_rgb(open_image(data, max_pixels))
+    except ImageReadError as exc:
+        raise ImageReadError(f"{path}: {exc}") from None
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image, "RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_image(path: str | os.PathLike, image: np.ndarray) -> None:
+    Image.fromarray(image, "RGB").save(path)

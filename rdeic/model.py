@@ -1,0 +1,104 @@
+"""The RDEIC model: frozen SD VAE and UNet, control module, latent compression module.
+
+One class for every preset; sizes come from :class:`rdeic.config.ModelConfig`.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from torch import nn
+
+from .compression import LatentCompression
+from .config import ModelConfig
+from .control import ControlModule, predict_noise
+from .diffusion import RelaySchedule, sample
+
+
+class RDEIC(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.vae = AutoencoderKL(**config.vae)
+        self.unet = UNet2DConditionModel(**config.unet)
+        self.compression = LatentCompression(config.compression)
+        self.control = ControlModule(config.unet, config.control, hint_channels=config.compression.M)
+        # The empty-prompt text embedding, computed once so no text encoder runs at decode time.
+        self.register_buffer("text_context", torch.zeros(1, config.text_context_length, config.context_dim))
+        self.schedule = RelaySchedule(config.diffusion)
+
+    @property
+    def device(self) -> torch.device:
+        return self.text_context.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.conv_in.weight.dtype
+
+    def set_inference_dtype(self, dtype: torch.dtype) -> None:
+        """Run VAE, UNet and control in ``dtype``. The compression module stays float32 so that
+        its entropy parameters never depend on the runtime precision."""
+        for part in (self.vae, self.unet, self.control):
+            part.to(dtype=dtype)
+
+    def freeze_base(self) -> None:
+        """SD stays frozen: only the control and compression modules train."""
+        self.vae.requires_grad_(False)
+        self.unet.requires_grad_(False)
+
+    # --------------------------------------------------------------- VAE side
+    def vae_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(compression input, latent moments) for images in [-1, 1].
+
+        The compression input is the encoder's last feature map before ``conv_out`` (after
+        the final norm + SiLU), times the latent scale factor.
+        """
+        enc = self.vae.encoder
+        h = enc.conv_in(x)
+        for block in enc.down_blocks:
+            h = block(h)
+        h = enc.conv_act(enc.conv_norm_out(enc.mid_block(h)))
+        moments = enc.conv_out(h)
+        if self.vae.quant_conv is not None:
+            moments = self.vae.quant_conv(moments)
+        return h * self.config.scale_factor, moments
+
+    def latent_from_moments(self, moments: torch.Tensor, generator: torch.Generator | None = None, sample: bool = False) -> torch.Tensor:
+        """z0 = scale·(mean, or a posterior sample when ``sample``)."""
+        mean, logvar = moments.chunk(2, dim=1)
+        z = mean
+        if sample:
+            std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+            z = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return z * self.config.scale_factor
+
+    def decode_latent(self, z: torch.Tensor) -> torch.Tensor:
+        """VAE decoder: scaled latent -> image in [-1, 1] (not clamped)."""
+        return self.vae.decode(z / self.config.scale_factor).sample
+
+    # ---------------------------------------------------------- noise estimator
+    def context(self, batch: int) -> torch.Tensor:
+        return self.text_context.to(self.dtype).expand(batch, -1, -1)
+
+    def eps(self, x_t: torch.Tensor, t: int | torch.Tensor, hint: torch.Tensor, detail: float = 1.0) -> torch.Tensor:
+        if not torch.is_tensor(t):
+            t = torch.full((x_t.shape[0],), int(t), device=x_t.device, dtype=torch.long)
+        return predict_noise(self.unet, self.control, x_t, t, self.context(x_t.shape[0]), hint, detail)
+
+    def relay_decode(
+        self,
+        z_c: torch.Tensor,
+        hint: torch.Tensor,
+        steps: int,
+        detail: float,
+        start_noise: torch.Tensor,
+        step_noises: Sequence[torch.Tensor],
+    ) -> torch.Tensor:
+        """ẑ0 from the compressed latent in ``steps`` denoising steps."""
+        z = self.schedule.start(z_c, start_noise)
+        return sample(lambda x, t: self.eps(x, t, hint, detail), z, self.schedule, steps, step_noises)
+
+    def unet_passes(self, steps: int, detail: float) -> int:
+        return steps * (1 if detail in (0.0, 1.0) else 2)
