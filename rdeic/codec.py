@@ -87,6 +87,11 @@ class Codec:
         finally:
             torch.set_num_threads(previous)
 
+    def warm_up(self) -> None:
+        """Run one small image through both directions (allocators, kernel selection)."""
+        image = np.full((64, 64, 3), 128, dtype=np.uint8)
+        self.decompress(self.compress([image]), steps=1)
+
     @property
     def config(self):
         return self.model.config

@@ -14,10 +14,8 @@ two safetensors files. Bitstreams carry it; a decoder refuses streams of another
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,38 +25,21 @@ from .compression import ENTROPY_TABLE_KEYS
 from .config import ModelConfig, load_preset
 from .errors import ModelFormatError
 from .model import RDEIC
+from .modeldir import (
+    CONFIG_FILE,
+    TABLES_FILE,
+    WEIGHTS_FILE,
+    ModelId,
+    check_files,
+    display_name,
+    file_digest,
+    model_id_of,
+    read_config,
+)
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-TABLES_FILE = "entropy_tables.safetensors"
+__all__ = ["ModelId", "load_model", "save_model", "init_model", "model_id_of", "read_config", "load_state_strict", "describe"]
+
 _TABLE_PREFIX = "compression.gaussian_conditional."
-
-
-@dataclass(frozen=True)
-class ModelId:
-    name: str  # display name, "UNTRAINED-..." for random weights
-    digest: bytes  # 8 bytes
-
-    def __str__(self) -> str:
-        return f"{self.name}@{self.digest.hex()}"
-
-    @classmethod
-    def parse(cls, text: str) -> "ModelId":
-        name, _, hexdigest = text.rpartition("@")
-        return cls(name, bytes.fromhex(hexdigest))
-
-
-def display_name(config: ModelConfig) -> str:
-    return config.name if config.trained else f"UNTRAINED-{config.name}"
-
-
-def _file_digest(paths: list[Path]) -> bytes:
-    h = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-    return h.digest()[:8]
 
 
 def _split_state(model: RDEIC) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -84,19 +65,7 @@ def save_model(model: RDEIC, directory: str | os.PathLike) -> ModelId:
         save_file(payload, str(tmp), metadata={"format": "rdeic-archive"})
         os.replace(tmp, out / name)
     (out / CONFIG_FILE).write_text(model.config.to_json() + "\n")
-    return ModelId(display_name(model.config), _file_digest([out / WEIGHTS_FILE, out / TABLES_FILE]))
-
-
-def read_config(directory: str | os.PathLike) -> ModelConfig:
-    path = Path(directory) / CONFIG_FILE
-    if not path.is_file():
-        raise ModelFormatError(f"{directory} is not a model directory: {CONFIG_FILE} is missing")
-    return ModelConfig.from_json(path.read_text())
-
-
-def model_id_of(directory: str | os.PathLike) -> ModelId:
-    d = Path(directory)
-    return ModelId(display_name(read_config(d)), _file_digest([d / WEIGHTS_FILE, d / TABLES_FILE]))
+    return ModelId(display_name(model.config), file_digest([out / WEIGHTS_FILE, out / TABLES_FILE]))
 
 
 def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
@@ -119,9 +88,7 @@ def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu",
     """Load a model directory; the weights are never unpickled (safetensors only)."""
     d = Path(directory)
     config = read_config(d)
-    for name in (WEIGHTS_FILE, TABLES_FILE):
-        if not (d / name).is_file():
-            raise ModelFormatError(f"{d} is not a complete model directory: {name} is missing")
+    check_files(d)
     with torch.device("meta"):
         model = RDEIC(config)
     state = load_file(str(d / WEIGHTS_FILE), device=str(device))
@@ -137,7 +104,7 @@ def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu",
     if dtype is not None:
         model.set_inference_dtype(dtype)
     model.eval().requires_grad_(False)
-    return model, ModelId(display_name(config), _file_digest([d / WEIGHTS_FILE, d / TABLES_FILE]))
+    return model, ModelId(display_name(config), file_digest([d / WEIGHTS_FILE, d / TABLES_FILE]))
 
 
 def init_model(preset_or_config: str | ModelConfig, seed: int = 0) -> RDEIC:

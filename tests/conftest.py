@@ -1,7 +1,8 @@
-"""Shared fixtures: a small randomly initialised `tiny` model, built once per test session."""
+"""Shared fixtures: a small random `tiny` model, a local S3 server (moto) and a local Ray with logical GPUs."""
 
 from __future__ import annotations
 
+import socket
 import warnings
 
 import numpy as np
@@ -29,3 +30,50 @@ def tiny_codec(tiny_model_dir):
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A local S3 (moto) on 127.0.0.1; yields its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """Credentials in the environment (as a user would have them) and an empty bucket."""
+    import uuid
+
+    import boto3
+    import s3fs
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    fs = s3fs.S3FileSystem(key="testing", secret="testing", client_kwargs={"endpoint_url": s3_server, "region_name": "us-east-1"})
+    bucket = f"b{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1", aws_access_key_id="testing",
+                 aws_secret_access_key="testing").create_bucket(Bucket=bucket)
+    fs.invalidate_cache()
+    return fs, bucket, s3_server
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray with two logical GPUs, shared by the tests of a session."""
+    import ray
+
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
