@@ -39,9 +39,10 @@ def test_seed_controls_decode_noise(tiny_codec, rng):
     a, b = tiny_codec.compress([image, image], seeds=[1, 2])
     assert tiny_codec.parse(a).header.seed == 1
     assert a != b
-    da, db = tiny_codec.decompress([a, b], steps=5)
-    assert not np.array_equal(da, db)
-    assert np.array_equal(tiny_codec.decompress([a], steps=5)[0], da)
+    da = tiny_codec.decompress([a], steps=5)[0]
+    db = tiny_codec.decompress([b], steps=5)[0]
+    assert np.abs(da.astype(int) - db.astype(int)).mean() > 1  # other noise, another picture
+    assert np.array_equal(tiny_codec.decompress([a], steps=5)[0], da)  # same seed, same bytes
     # the default seed derives from the content: re-encoding is idempotent
     assert tiny_codec.compress([image])[0] == tiny_codec.compress([image])[0]
 

@@ -41,7 +41,7 @@ def test_symbols_and_indices_roundtrip_bit_exact(module, scale):
             assert np.array_equal(code.symbols, symbols)
             assert crc == code.symbols_crc
         assert decoded.z_c.shape == (3, 4, *hw)
-        assert decoded.guide_hint.shape == (3, 64, *hw)
+        assert decoded.guide_hint.shape == (3, 48, *hw)
 
 
 def test_coded_ŷ_matches_training_forward_rounding(module):
@@ -86,7 +86,7 @@ def test_training_forward_outputs_and_gradients():
     torch.manual_seed(1)
     m = LatentCompression(load_preset("tiny").compression).train()
     out = m(torch.randn(2, 64, 16, 16))
-    assert out["likelihoods"].shape == (2, 64, 8, 8)
+    assert out["likelihoods"].shape == (2, 48, 8, 8)
     assert torch.all(out["likelihoods"] > 0) and torch.all(out["likelihoods"] <= 1)
     loss = -torch.log2(out["likelihoods"]).sum() + out["vq_loss"] + out["z_c"].square().mean()
     loss.backward()

@@ -22,8 +22,8 @@ def model():
 def _inputs(batch=2, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 4, 16, 24, generator=g)
-    hint = torch.randn(batch, 64, 16, 24, generator=g)
-    ctx = torch.randn(batch, 77, 64, generator=g)
+    hint = torch.randn(batch, 48, 16, 24, generator=g)
+    ctx = torch.randn(batch, 77, 32, generator=g)
     t = torch.tensor([299, 17][:batch])
     return x, t, ctx, hint
 

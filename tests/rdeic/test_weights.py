@@ -80,7 +80,7 @@ def test_missing_files_are_named(tmp_path, tiny_model_dir):
 
 def test_config_is_saved_as_json(tiny_model_dir):
     data = json.loads((tiny_model_dir / "config.json").read_text())
-    assert data["compression"]["codebook_size"] == 1024 and data["trained"] is False
+    assert data["compression"]["codebook_size"] == 256 and data["trained"] is False
 
 
 def test_sd21_builds_with_the_published_sizes():
