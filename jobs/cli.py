@@ -1,4 +1,4 @@
-"""``rdeic-job``: the distributed jobs (compress, decode), each with ``--help``."""
+"""``rdeic-job``: the distributed jobs (compress, decode, train), each with ``--help``."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import argparse
 import sys
 import warnings
 
-from . import common, compress, decode
+from . import common, compress, decode, train
 
-JOBS = {"compress": compress, "decode": decode}
+JOBS = {"compress": compress, "decode": decode, "train": train}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -109,6 +109,28 @@ def cmd_init_model(args: argparse.Namespace) -> None:
     print(f"{args.out}: {model_id} (random weights, for tests and benchmarks only)")
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from .training import TrainConfig, train
+
+    logging.getLogger("rdeic").setLevel(logging.INFO)
+    cfg = TrainConfig.load(args.config)
+    if args.steps:
+        from dataclasses import replace
+
+        cfg = replace(cfg, steps=args.steps)
+    trainer = train(cfg, device=args.device, resume=not args.restart)
+    print(f"{cfg.output}/final: {trainer.cfg.stage} trained to step {trainer.step_count}; "
+          + " ".join(f"{k}={v:.4g}" for k, v in trainer.last_metrics.items() if isinstance(v, float)))
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from .convert import convert
+
+    model_id = convert(args.sd, args.rdeic, args.out, rdeic_config=args.rdeic_config,
+                       text_embedding=args.text_embedding, name=args.name)
+    print(f"{args.out}: {model_id}")
+
+
 def cmd_model_info(args: argparse.Namespace) -> None:
     from .weights import describe
 
@@ -149,6 +171,22 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", required=True)
     m.add_argument("--seed", type=int, default=0)
     m.set_defaults(func=cmd_init_model)
+
+    t = sub.add_parser("train", help="train on one device (stage1, stage2, or base models of small presets)")
+    t.add_argument("--config", required=True, help="training config (YAML), see docs/training.md")
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--steps", type=int, help="override the config's number of steps")
+    t.add_argument("--restart", action="store_true", help="ignore existing checkpoints in the output")
+    t.set_defaults(func=cmd_train)
+
+    c = sub.add_parser("convert-weights", help="SD 2.1-base + an authors' RDEIC checkpoint -> a model directory (offline)")
+    c.add_argument("--sd", required=True, help="SD 2.1-base: a diffusers folder or the single-file v2-1_512-ema-pruned checkpoint")
+    c.add_argument("--rdeic", required=True, help="the authors' checkpoint, e.g. rdeic_2_step2.ckpt (or its state_dict)")
+    c.add_argument("--rdeic-config", help="the authors' model YAML (default: their configs/model/rdeic.yaml sizes)")
+    c.add_argument("--text-embedding", help="a file holding the (1, 77, 1024) empty-prompt embedding, if the SD weights lack a text encoder")
+    c.add_argument("--name", help="model name (default: from the checkpoint's file name)")
+    c.add_argument("--out", required=True)
+    c.set_defaults(func=cmd_convert)
 
     mi = sub.add_parser("model-info", help="show a model directory's id and config")
     mi.add_argument("model")

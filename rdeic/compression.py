@@ -67,6 +67,19 @@ class DecodedLatents:
     symbols_crc: list[int]  # CRC32 of each image's decoded hyper indices and y symbols
 
 
+def scale_table(config: CompressionConfig) -> list[float]:
+    """Log-spaced scales of the Gaussian conditional (compressai's default: 0.11 → 256, 64 levels)."""
+    c = config
+    return torch.exp(torch.linspace(math.log(c.scale_min), math.log(c.scale_max), c.scale_levels)).tolist()
+
+
+def entropy_buffers(config: CompressionConfig) -> dict[str, torch.Tensor]:
+    """The Gaussian conditional's buffers, tables built, as ``LatentCompression`` would hold them."""
+    gc = GaussianConditional(None)
+    gc.update_scale_table(scale_table(config))
+    return dict(gc.state_dict())
+
+
 def _crc_update(crc: int, values: torch.Tensor) -> int:
     return zlib.crc32(values.to(torch.int32).cpu().numpy().astype("<i4").tobytes(), crc)
 
@@ -121,13 +134,9 @@ class LatentCompression(nn.Module):
         self._cdf_lists: tuple[list, list, list] | None = None
 
     # ------------------------------------------------------------------ tables
-    def scale_table(self) -> list[float]:
-        c = self.config
-        return torch.exp(torch.linspace(math.log(c.scale_min), math.log(c.scale_max), c.scale_levels)).tolist()
-
     def update(self, force: bool = False) -> bool:
         """Build the entropy tables (CDFs) from the scale table; done once, then stored with the weights."""
-        updated = self.gaussian_conditional.update_scale_table(self.scale_table(), force=force)
+        updated = self.gaussian_conditional.update_scale_table(scale_table(self.config), force=force)
         self._cdf_lists = None
         return updated
 

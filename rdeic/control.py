@@ -133,6 +133,7 @@ class ControlModule(nn.Module):
         self.downsamplers = nn.ModuleList()
         self._plan: list[tuple[str, int]] = [("conv_in", 0)]
         ch = chans[0]
+        mid_head_dim = config.attention_head_dim
         for level, (block_type, out_ch) in enumerate(zip(unet_config["down_block_types"], chans)):
             for _ in range(layers):
                 self.resnets.append(
@@ -143,8 +144,8 @@ class ControlModule(nn.Module):
                 )
                 k = len(self.resnets) - 1
                 if block_type.startswith("CrossAttn"):
-                    heads = out_ch // largest_divisor_at_most(out_ch, config.attention_head_dim)
-                    self.attentions[str(k)] = transformer(out_ch, heads)
+                    mid_head_dim = largest_divisor_at_most(out_ch, config.attention_head_dim)
+                    self.attentions[str(k)] = transformer(out_ch, out_ch // mid_head_dim)
                 self._plan.append(("resnet", k))
                 ch = out_ch
             if level != len(chans) - 1:
@@ -152,7 +153,8 @@ class ControlModule(nn.Module):
                 self._plan.append(("down", len(self.downsamplers) - 1))
         self.mid_block = UNetMidBlock2DCrossAttn(
             in_channels=ch, temb_channels=temb_dim, resnet_eps=eps, resnet_groups=groups(ch),
-            num_attention_heads=max(1, ch // config.attention_head_dim), cross_attention_dim=ctx_dim,
+            # the authors' middle block divides by the head width of the last attention level
+            num_attention_heads=max(1, ch // mid_head_dim), cross_attention_dim=ctx_dim,
             use_linear_projection=linear, upcast_attention=bool(unet_config.get("upcast_attention", False)),
         )
         ctrl_out = [chans[level] for level in _stage_levels(len(chans), layers)]
@@ -162,6 +164,7 @@ class ControlModule(nn.Module):
         dec_sources = list(reversed(ctrl_out))
         dec_targets = [base_mid] + base_dec[:-1]
         self.dec_zero_convs = nn.ModuleList(_zero_conv(c, b) for c, b in zip(dec_sources, dec_targets))
+        # the authors' scale_list is ones × control_scale, and their forward multiplies by control_scale again
         self.register_buffer("scales", torch.full((len(self.enc_zero_convs) + 1 + len(self.dec_zero_convs),), config.scale))
 
     def stages(self) -> list[Stage]:
@@ -209,7 +212,7 @@ def controlled_unet(
     t_emb = _time_embeddings(unet, t, x.shape[0], x.dtype)
     emb = unet.time_embedding(t_emb)
     emb_ctrl = control.time_embedding(t_emb)
-    scales = iter(control.scales.to(x.dtype).unbind())
+    scales = iter((control.scales * control.config.scale).to(x.dtype).unbind())
     h, c = x, torch.cat([x, hint.to(x.dtype)], dim=1)
     skips, ctrl_feats = [], []
     for base_stage, ctrl_stage, zc in zip(base_encoder_stages(unet), control.stages(), control.enc_zero_convs):

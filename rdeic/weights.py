@@ -53,13 +53,19 @@ def _split_state(model: RDEIC) -> tuple[dict[str, torch.Tensor], dict[str, torch
     return weights, tables
 
 
-def save_model(model: RDEIC, directory: str | os.PathLike) -> ModelId:
-    """Write a model directory atomically enough for one writer: files are written then renamed."""
+def save_model(model: RDEIC, directory: str | os.PathLike, storage_dtype: torch.dtype | None = None) -> ModelId:
+    """Write a model directory; each file is written beside its name, then renamed into place.
+
+    ``storage_dtype=torch.float16`` halves the files (for bundling); loading casts back to float32,
+    on the encoder and the decoder alike.
+    """
     if not model.compression.has_entropy_tables():
         model.compression.update()
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     weights, tables = _split_state(model)
+    if storage_dtype is not None:
+        weights = {k: v.to(storage_dtype) if v.is_floating_point() else v for k, v in weights.items()}
     for name, payload in ((WEIGHTS_FILE, weights), (TABLES_FILE, tables)):
         tmp = out / f".{name}.tmp"
         save_file(payload, str(tmp), metadata={"format": "rdeic-archive"})
@@ -101,6 +107,7 @@ def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu",
         state[_TABLE_PREFIX + key] = tables[key]
         setattr(model.compression.gaussian_conditional, key, torch.empty_like(tables[key], device="meta"))
     load_state_strict(model, state, str(d / WEIGHTS_FILE))
+    model.float()  # weights stored in float16 compute in float32
     if dtype is not None:
         model.set_inference_dtype(dtype)
     model.eval().requires_grad_(False)

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Reproduces models/rdeic-tiny-demo from photographs installed with scikit-image and matplotlib.
+# Run from the repository root in the project's environment: bash models/rdeic-tiny-demo/recipe/train.sh
+set -euo pipefail
+recipe=models/rdeic-tiny-demo/recipe
+python "$recipe/prepare_data.py" --out out/demo-data --examples examples/shards
+for stage in vae denoiser stage1 stage2; do
+  rdeic train --config "$recipe/$stage.yaml"
+done
+python "$recipe/export.py" out/demo-train/stage2/final models/rdeic-tiny-demo
+python bench/demo_model.py --model models/rdeic-tiny-demo --eval out/demo-data/eval

@@ -1,0 +1,306 @@
+"""Conversion of Stable Diffusion 2.1-base and the authors' RDEIC checkpoints into our model format.
+
+Everything runs offline: the 2.1-base configs ship in ``rdeic/presets/sd21.json``, files are
+read with safetensors or ``torch.load(weights_only=True)``, and the authors' architecture is
+read from their model YAML (``configs/model/rdeic.yaml`` format), so any size of it converts.
+Every tensor of the RDEIC checkpoint is accounted for: a key that maps nowhere, or a weight
+of ours that nothing fills, is an error naming the keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import yaml
+
+from .config import CompressionConfig, ControlConfig, DiffusionConfig, ModelConfig, load_preset
+from .errors import ModelFormatError
+from .model import RDEIC
+from .modeldir import ModelId
+from .weights import load_state_strict, save_model
+
+log = logging.getLogger(__name__)
+
+# ------------------------------------------------------------------ reading files
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint file (.safetensors, or .ckpt/.pt/.bin through weights_only unpickling)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFormatError(f"{path}: no such checkpoint file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0][:200]
+        raise ModelFormatError(
+            f"{path} holds Python objects besides tensors and is not unpickled here ({first}); "
+            f"extract its state_dict in a trusted environment: torch.save(torch.load(p)['state_dict'], 'state.pt')"
+        ) from None
+    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        data = data["state_dict"]
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise ModelFormatError(f"{path} is not a state dict of tensors")
+    return data
+
+
+# --------------------------------------------------------- the authors' YAML
+
+
+def _params(node: dict, *path: str) -> dict:
+    for key in path:
+        node = node.get(key) or {}
+        node = node.get("params", node) if isinstance(node, dict) else {}
+    return node
+
+
+def config_from_authors_yaml(text: str, name: str = "rdeic") -> ModelConfig:
+    """Our ModelConfig for an architecture described in the authors' model YAML."""
+    root = yaml.safe_load(text)
+    p = root.get("params", root)
+    unet, ctrl = _params(p, "unet_config"), _params(p, "control_stage_config")
+    dd = _params(p, "first_stage_config").get("ddconfig", {})
+    pre = _params(p, "preprocess_config")
+    try:
+        mc, mult = int(unet["model_channels"]), [int(m) for m in unet["channel_mult"]]
+        attn = {int(a) for a in unet["attention_resolutions"]}
+        chans = [mc * m for m in mult]
+        if int(unet.get("transformer_depth", 1)) != 1:
+            raise ModelFormatError("only transformer_depth 1 is supported")
+        for key in ("model_channels", "channel_mult", "num_res_blocks", "attention_resolutions", "context_dim"):
+            if key in ctrl and ctrl[key] != unet[key]:
+                raise ModelFormatError(f"control_stage_config.{key} differs from unet_config.{key}")
+        down = ["CrossAttnDownBlock2D" if 2**i in attn else "DownBlock2D" for i in range(len(mult))]
+        unet_cfg = {
+            "act_fn": "silu", "attention_head_dim": [c // int(unet["num_head_channels"]) for c in chans],
+            "block_out_channels": chans, "center_input_sample": False,
+            "cross_attention_dim": int(unet["context_dim"]), "down_block_types": down, "downsample_padding": 1,
+            "dual_cross_attention": False, "flip_sin_to_cos": True, "freq_shift": 0,
+            "in_channels": int(unet["in_channels"]), "layers_per_block": int(unet["num_res_blocks"]),
+            "mid_block_scale_factor": 1, "norm_eps": 1e-5, "norm_num_groups": 32,
+            "out_channels": int(unet["out_channels"]), "sample_size": int(unet.get("image_size", 64)),
+            "up_block_types": [b.replace("Down", "Up") for b in reversed(down)], "upcast_attention": False,
+            "use_linear_projection": bool(unet.get("use_linear_in_transformer", False)),
+        }
+        vae_cfg = {
+            "act_fn": "silu", "block_out_channels": [int(dd["ch"]) * int(m) for m in dd["ch_mult"]],
+            "down_block_types": ["DownEncoderBlock2D"] * len(dd["ch_mult"]), "in_channels": int(dd["in_channels"]),
+            "latent_channels": int(dd["z_channels"]), "layers_per_block": int(dd["num_res_blocks"]),
+            "norm_num_groups": 32, "out_channels": int(dd["out_ch"]), "sample_size": int(dd.get("resolution", 256)),
+            "scaling_factor": float(p.get("scale_factor", 0.18215)),
+            "up_block_types": ["UpDecoderBlock2D"] * len(dd["ch_mult"]),
+        }
+        compression = CompressionConfig(
+            in_channels=int(pre["in_nc"]), latent_channels=int(pre["out_nc"]), N=int(pre["N"]), M=int(pre["M"]),
+            slices=tuple(int(s) for s in pre["slice_ch"]), codebook_size=int(pre["codebook_size"]),
+        )
+        control = ControlConfig(channel_ratio=float(ctrl.get("control_model_ratio", 1.0)),
+                                attention_head_dim=int(ctrl.get("num_head_channels", 16)),
+                                max_norm_groups=32, scale=float(ctrl.get("control_scale", 1.0)))
+        diffusion = DiffusionConfig(num_train_timesteps=int(p.get("timesteps", 1000)),
+                                    beta_start=float(p.get("linear_start", 0.00085)), beta_end=float(p.get("linear_end", 0.012)),
+                                    used_timesteps=int(p.get("used_timesteps", 300)), default_steps=int(p.get("fixed_step", 2)))
+    except KeyError as exc:
+        raise ModelFormatError(f"the model YAML lacks {exc.args[0]!r}") from None
+    if int(ctrl.get("hint_channels", compression.M)) != compression.M:
+        raise ModelFormatError("control hint_channels must equal the compression module's M")
+    return ModelConfig(name=name, vae=vae_cfg, unet=unet_cfg, compression=compression, control=control,
+                       diffusion=diffusion, text_context_length=77, trained=True)
+
+
+# --------------------------------------------------------- RDEIC key mapping
+
+_RESBLOCK = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
+             "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
+_COMPRESSION = [  # (regex on the authors' key after "preprocess_model.", replacement)
+    (r"^encoder\.g_a\.", "g_a."), (r"^hyper_enc\.hyper_enc\.", "h_a."), (r"^hyper_dec\.hyper_dec\.", "h_s."),
+    (r"^decoder\.g_s\.", "g_s."), (r"^quantize\.", "quantizer."),
+    (r"\.subpel_conv\.0\.", ".subpel.conv."), (r"\.upsample\.0\.", ".skip.conv."), (r"\.downsample\.", ".skip."),
+    (r"^(channel_context\.\d+)\.fushion\.", r"\1.net."), (r"^(entropy_parameters_(?:non)?anchor\.\d+)\.fusion\.", r"\1.net."),
+]
+_AUTHORS_TABLES = ("_offset", "_quantized_cdf", "_cdf_length", "scale_table")
+
+
+def _resblock_key(rest: str) -> str:
+    for old, new in _RESBLOCK.items():
+        if rest.startswith(old + "."):
+            return new + rest[len(old):]
+    raise KeyError(rest)
+
+
+def _control_key(key: str, plan: list[tuple[str, int]]) -> str:
+    if key == "control_model.scale_list":
+        return "control.scales"
+    for old, new in (("enc_zero_convs_out", "enc_zero_convs"), ("dec_zero_convs_out", "dec_zero_convs")):
+        m = re.fullmatch(rf"control_model\.{old}\.(\d+)\.0\.(weight|bias)", key)
+        if m:
+            return f"control.{new}.{m.group(1)}.{m.group(2)}"
+    m = re.fullmatch(r"control_model\.middle_block_out\.0\.(weight|bias)", key)
+    if m:
+        return f"control.mid_zero_conv.{m.group(1)}"
+    inner = key[len("control_model.control_model."):]
+    m = re.fullmatch(r"time_embed\.(0|2)\.(weight|bias)", inner)
+    if m:
+        return f"control.time_embedding.linear_{1 if m.group(1) == '0' else 2}.{m.group(2)}"
+    m = re.fullmatch(r"input_blocks\.(\d+)\.(\d+)\.(.+)", inner)
+    if m:
+        block, layer, rest = int(m.group(1)), int(m.group(2)), m.group(3)
+        kind, k = plan[block]
+        if kind == "conv_in":
+            return f"control.conv_in.{rest}"
+        if kind == "down":
+            return f"control.downsamplers.{k}.conv.{rest[len('op.'):]}"
+        return f"control.resnets.{k}.{_resblock_key(rest)}" if layer == 0 else f"control.attentions.{k}.{rest}"
+    m = re.fullmatch(r"middle_block\.(\d)\.(.+)", inner)
+    if m:
+        layer, rest = int(m.group(1)), m.group(2)
+        if layer == 1:
+            return f"control.mid_block.attentions.0.{rest}"
+        return f"control.mid_block.resnets.{layer // 2}.{_resblock_key(rest)}"
+    raise KeyError(key)
+
+
+def _compression_key(key: str) -> str:
+    rest = key[len("preprocess_model."):]
+    for pattern, repl in _COMPRESSION:
+        rest = re.sub(pattern, repl, rest)
+    return "compression." + rest
+
+
+def map_rdeic_state(state: dict[str, torch.Tensor], model: RDEIC) -> dict[str, torch.Tensor]:
+    """The authors' ``control_model.*`` / ``preprocess_model.*`` tensors under our names, strictly."""
+    plan = model.control._plan
+    targets = {k for k in model.state_dict() if k.startswith(("control.", "compression."))}
+    tables = {f"compression.gaussian_conditional.{t}" for t in _AUTHORS_TABLES}
+    out, unmapped = {}, []
+    for key, value in state.items():
+        try:
+            if key.startswith("control_model."):
+                new = _control_key(key, plan)
+            elif key.startswith("preprocess_model."):
+                new = _compression_key(key)
+            else:
+                continue  # base model or text encoder keys: converted elsewhere
+        except (KeyError, IndexError):
+            unmapped.append(key)
+            continue
+        if new in tables:
+            continue  # entropy tables: rebuilt at conversion (the authors rebuild them at every load)
+        if new not in targets:
+            unmapped.append(key)
+            continue
+        out[new] = value
+    missing = sorted(targets - set(out) - tables)
+    if unmapped or missing:
+        few = lambda ks: ", ".join(ks[:6]) + (f" (+{len(ks) - 6} more)" if len(ks) > 6 else "")  # noqa: E731
+        parts = [f"{len(unmapped)} checkpoint tensors map to nothing: {few(sorted(unmapped))}"] if unmapped else []
+        for ours, theirs in (("control.", "control_model."), ("compression.", "preprocess_model.")):
+            gone = [k for k in missing if k.startswith(ours)]
+            if gone and len(gone) == len([k for k in targets - tables if k.startswith(ours)]):
+                parts.append(f"no {theirs}* tensors at all")
+            elif gone:
+                parts.append(f"{len(gone)} {ours[:-1]} tensors not in the checkpoint: {few(gone)}")
+        raise ModelFormatError("RDEIC checkpoint does not match the architecture: " + "; ".join(parts))
+    return out
+
+
+# ------------------------------------------------------------- SD 2.1-base
+
+
+def _diffusers_folder(path: Path) -> tuple[dict, dict, dict | None]:
+    def weights(sub: str) -> dict:
+        for name in ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.bin", "pytorch_model.bin"):
+            if (path / sub / name).is_file():
+                return read_checkpoint(path / sub / name)
+        raise ModelFormatError(f"{path / sub} holds no weights file")
+
+    sched = path / "scheduler" / "scheduler_config.json"
+    if sched.is_file():
+        import json
+
+        pred = json.loads(sched.read_text()).get("prediction_type", "epsilon")
+        if pred != "epsilon":
+            raise ModelFormatError(f"{path} is a {pred} model (SD 2.1 at 768 px); RDEIC needs SD 2.1-base (epsilon)")
+    text = weights("text_encoder") if (path / "text_encoder").is_dir() else None
+    return weights("vae"), weights("unet"), text
+
+
+def sd_state(path: str | os.PathLike, config: ModelConfig) -> tuple[dict, dict, torch.Tensor | None]:
+    """(VAE, UNet) weights in diffusers layout, and the empty-prompt embedding if a text encoder is present."""
+    from .text_context import from_hf_clip, from_open_clip
+
+    path = Path(path)
+    if path.is_dir():
+        vae, unet, text = _diffusers_folder(path)
+        return vae, unet, (from_hf_clip(text) if text is not None else None)
+    if "768" in path.name:
+        log.warning("%s looks like the 768-px v-prediction SD 2.1; RDEIC needs 2.1-base (512 px, epsilon)", path.name)
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+
+    ckpt = read_checkpoint(path)
+    if not any(k.startswith("model.diffusion_model.") for k in ckpt):
+        raise ModelFormatError(f"{path} is not a single-file Stable Diffusion checkpoint (no model.diffusion_model.*)")
+    # our bundled 2.1-base configs, never the library's guess (which maps SD 2 to the 768-px v model)
+    unet = convert_ldm_unet_checkpoint(ckpt, dict(config.unet))
+    vae = convert_ldm_vae_checkpoint(ckpt, dict(config.vae))
+    text = from_open_clip(ckpt) if any(k.startswith("cond_stage_model.model.") for k in ckpt) else None
+    return vae, unet, text
+
+
+def read_text_embedding(path: str | os.PathLike, length: int, dim: int) -> torch.Tensor:
+    state = read_checkpoint(path)
+    if len(state) != 1:
+        raise ModelFormatError(f"{path} must hold exactly one tensor, the (1, {length}, {dim}) embedding")
+    tensor = next(iter(state.values())).float().reshape(-1, length, dim)[:1]
+    return tensor
+
+
+# ------------------------------------------------------------------ assembly
+
+
+def convert(sd: str | os.PathLike, rdeic: str | os.PathLike, out: str | os.PathLike, rdeic_config: str | None = None,
+            text_embedding: str | None = None, name: str | None = None) -> ModelId:
+    """Write one model directory from SD 2.1-base and an authors' RDEIC checkpoint."""
+    rdeic_path = Path(rdeic)
+    name = name or re.sub(r"\.(ckpt|pt|pth|safetensors)$", "", rdeic_path.name).replace("_", "-")
+    if rdeic_config:
+        config = config_from_authors_yaml(Path(rdeic_config).read_text(), name=name)
+    else:
+        config = replace(load_preset("sd21"), name=name, trained=True)
+    with torch.device("meta"):
+        model = RDEIC(config)
+    vae, unet, text = sd_state(sd, config)
+    rdeic_state = map_rdeic_state(read_checkpoint(rdeic_path), model)
+    if text_embedding:
+        text = read_text_embedding(text_embedding, config.text_context_length, config.context_dim)
+    if text is None:
+        raise ModelFormatError("no empty-prompt embedding: the SD weights carry no text encoder; pass --text-embedding FILE")
+    state = {f"vae.{k}": v for k, v in vae.items()}
+    state.update({f"unet.{k}": v for k, v in unet.items()})
+    state.update(rdeic_state)
+    state["text_context"] = text.reshape(1, config.text_context_length, config.context_dim)
+    fresh = _fresh_buffers(config)
+    for key in ("compression.gaussian_conditional.scale_bound", "compression.gaussian_conditional.likelihood_lower_bound.bound",
+                "compression.gaussian_conditional.lower_bound_scale.bound"):
+        state.setdefault(key, fresh[key])
+    for key in [k for k in fresh if k.startswith("compression.gaussian_conditional.") and k not in state]:
+        state[key] = fresh[key]  # entropy tables, built from the scale table
+        setattr(model.compression.gaussian_conditional, key.rsplit(".", 1)[-1], torch.empty_like(fresh[key], device="meta"))
+    load_state_strict(model, {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, "converted weights")
+    return save_model(model.eval(), out)
+
+
+def _fresh_buffers(config: ModelConfig) -> dict[str, torch.Tensor]:
+    from .compression import entropy_buffers
+
+    return {f"compression.gaussian_conditional.{k}": v for k, v in entropy_buffers(config.compression).items()}

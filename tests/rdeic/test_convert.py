@@ -1,0 +1,99 @@
+"""Conversion of the authors' checkpoints: strict key accounting and exact tensor mapping."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from rdeic.config import load_preset
+from rdeic.convert import config_from_authors_yaml, map_rdeic_state, read_checkpoint
+from rdeic.errors import ModelFormatError
+from rdeic.model import RDEIC
+
+SHARED_KEYS = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "rdeic_sd21_checkpoint_keys.json"
+
+
+def _synthetic(spec: dict) -> dict[str, torch.Tensor]:
+    """Small-dtype tensors of the listed shapes, each with its own recognisable values."""
+    out = {}
+    for i, (key, (shape, dtype)) in enumerate(sorted(spec.items())):
+        n = int(torch.tensor(shape).prod()) if shape else 1
+        if dtype.startswith("int"):
+            out[key] = torch.full(shape, i, dtype=torch.int32)
+        else:
+            out[key] = ((torch.arange(n, dtype=torch.float32) % 97 + i * 1000) / 1024).to(torch.float16).reshape(shape)
+    return out
+
+
+@pytest.fixture(scope="module")
+def sd21_meta():
+    with torch.device("meta"):
+        return RDEIC(load_preset("sd21"))
+
+
+@pytest.mark.skipif(not SHARED_KEYS.is_file(), reason="../shared/fixtures is not beside this checkout")
+def test_authors_sd21_keys_map_exactly_onto_our_sd21_model(sd21_meta):
+    spec = json.loads(SHARED_KEYS.read_text())["tensors"]
+    state = _synthetic(spec)
+    mapped = map_rdeic_state(state, sd21_meta)
+    ours = {k: v for k, v in sd21_meta.state_dict().items() if k.startswith(("control.", "compression."))}
+    tables = {k for k in ours if k.split(".")[-1] in ("_offset", "_quantized_cdf", "_cdf_length", "scale_table")}
+    assert set(mapped) == set(ours) - tables  # every tensor of ours filled; entropy tables rebuilt at conversion
+    for key, value in mapped.items():
+        assert tuple(value.shape) == tuple(ours[key].shape), key
+    used = {id(v) for v in mapped.values()}
+    unused = [k for k, v in state.items() if id(v) not in used]
+    assert sorted(unused) == sorted(k for k in spec if k.split(".")[-1] in ("_offset", "_quantized_cdf", "_cdf_length", "scale_table"))
+    # strict load into the real modules, then exact equality of every mapped tensor
+    for part in ("control", "compression"):
+        module = getattr(sd21_meta, part)
+        sub = {k[len(part) + 1:]: v for k, v in mapped.items() if k.startswith(part + ".")}
+        if part == "compression":
+            from rdeic.compression import entropy_buffers
+
+            for k, v in entropy_buffers(load_preset("sd21").compression).items():
+                sub.setdefault(f"gaussian_conditional.{k}", v)
+                if k in ("_offset", "_quantized_cdf", "_cdf_length", "scale_table"):
+                    setattr(module.gaussian_conditional, k, torch.empty_like(v, device="meta"))
+        module.load_state_dict(sub, strict=True, assign=True)
+        loaded = module.state_dict()
+        for k, v in sub.items():
+            assert torch.equal(loaded[k], v), k
+
+
+@pytest.mark.skipif(not SHARED_KEYS.is_file(), reason="../shared/fixtures is not beside this checkout")
+def test_missing_and_unexpected_keys_are_named(sd21_meta):
+    spec = json.loads(SHARED_KEYS.read_text())["tensors"]
+    state = _synthetic({k: v for k, v in spec.items() if k.startswith("preprocess_model.")})
+    state.pop("preprocess_model.out.bias")
+    state["preprocess_model.extra.weight"] = torch.zeros(1)
+    with pytest.raises(ModelFormatError) as err:
+        map_rdeic_state(state, sd21_meta)
+    text = str(err.value)
+    assert "preprocess_model.extra.weight" in text and "compression.out.bias" in text and "no control_model.* tensors" in text
+
+
+def test_authors_yaml_of_the_paper_gives_our_sd21_preset():
+    text = (Path(__file__).resolve().parent / "data" / "authors_rdeic.yaml").read_text()
+    cfg = config_from_authors_yaml(text, name="x")
+    preset = load_preset("sd21")
+    for key in ("block_out_channels", "attention_head_dim", "down_block_types", "up_block_types", "layers_per_block",
+                "cross_attention_dim", "use_linear_projection"):
+        assert cfg.unet[key] == preset.unet[key], key
+    assert cfg.vae["block_out_channels"] == preset.vae["block_out_channels"]
+    assert cfg.compression == preset.compression and cfg.control == preset.control
+    assert cfg.diffusion == preset.diffusion
+
+
+def test_unpickling_is_refused_for_arbitrary_objects(tmp_path):
+    import argparse
+
+    path = tmp_path / "evil.ckpt"  # any object but tensors and plain containers needs code to unpickle
+    torch.save({"state_dict": {"a": torch.zeros(1)}, "hyper_parameters": argparse.Namespace(lr=1)}, path)
+    with pytest.raises(ModelFormatError, match="not unpickled here"):
+        read_checkpoint(path)
+    torch.save({"state_dict": {"a": torch.ones(2)}, "epoch": 3}, tmp_path / "ok.ckpt")
+    assert torch.equal(read_checkpoint(tmp_path / "ok.ckpt")["a"], torch.ones(2))
