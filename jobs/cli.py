@@ -24,9 +24,15 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
     args = build_parser().parse_args(argv)
     common.setup_logging(args.quiet)
+    from pipelines.distributor import WorkerStartError
+    from pipelines.manifest import JobConfigMismatch
+
     try:
         return JOBS[args.job].run(args)
-    except (ValueError, OSError) as exc:
+    except WorkerStartError as exc:
+        print(f"rdeic-job: error: {exc}", file=sys.stderr)
+        return 1
+    except (JobConfigMismatch, ValueError, OSError) as exc:
         print(f"rdeic-job: error: {exc}", file=sys.stderr)
         return 2
 

@@ -8,8 +8,12 @@ import json
 import logging
 import sys
 
+from dataclasses import replace
+
 from pipelines import storage
-from pipelines.report import table
+from pipelines.compress import CrashSpec, ShardTask
+from pipelines.manifest import JobOutput
+from pipelines.report import summarize, table
 
 
 def add_storage_args(p: argparse.ArgumentParser) -> None:
@@ -52,7 +56,30 @@ def file_sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def finish(summary: dict, job_output) -> int:
+def crash_spec(value: str | None) -> CrashSpec | None:
+    """``UNIT:N[:stall]`` of the hidden ``--inject-crash`` option: after N samples of UNIT the worker
+    exits (tests of a dying worker) or hangs (tests that kill the driver mid-unit)."""
+    if not value:
+        return None
+    unit, _, rest = value.partition(":")
+    n, _, mode = rest.partition(":")
+    if mode not in ("", "stall"):
+        raise ValueError(f"--inject-crash: unknown mode {mode!r}")
+    return CrashSpec(unit, int(n or 1), stall=mode == "stall")
+
+
+def run_units(kind: str, spec, units: list[ShardTask], committed: dict, args: argparse.Namespace) -> dict:
+    """Run the uncommitted units on Ray actors; the summary of this run over all units."""
+    from pipelines.distributor import init_ray, run_tasks
+
+    todo = [u for u in units if u.shard_id not in committed]
+    init_ray(args.ray_address)
+    result = run_tasks(kind, spec, todo, args.actors, args.max_retries, skipped=len(units) - len(todo), desc=kind)
+    stats = result.stats + [replace(s, skipped=True) for s in committed.values()]
+    return summarize(kind, stats, result.failed, result.seconds, result.actors, len(units), result.startup_seconds)
+
+
+def finish(summary: dict, job_output: JobOutput) -> int:
     job_output.finish(summary)
     print(table(summary))
     failed = summary["shards_failed"]

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import replace
 
 from pipelines import storage
-from pipelines.archive import ShardStats
-from pipelines.compress import CODEC_VERSION, CompressSpec, CrashSpec, ShardTask
-from pipelines.manifest import JobConfigMismatch, JobOutput, Layout
-from pipelines.report import summarize
+from pipelines.compress import CODEC_VERSION, CompressSpec, ShardTask
+from pipelines.manifest import JobOutput, Layout
 
 from . import common
 
@@ -27,8 +24,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.distributor import WorkerStartError, init_ray, run_tasks
-
     opts = common.storage_from(args)
     model = common.resolve_model(args.model)
     urls = storage.expand_inputs(args.input, opts)
@@ -46,26 +41,9 @@ def run(args: argparse.Namespace) -> int:
     }
     fs, root = storage.filesystem(args.output, opts)
     output = JobOutput(fs, root, "compress", config, Layout("part-", ".parquet"))
-    try:
-        committed = output.prepare(args.overwrite)
-    except JobConfigMismatch as exc:
-        print(f"rdeic-job: error: {exc}", file=sys.stderr)
-        return 2
-    crash = None
-    if args.inject_crash:
-        shard, _, n = args.inject_crash.partition(":")
-        crash = CrashSpec(shard, int(n or 1))
+    committed = output.prepare(args.overwrite)
     spec = CompressSpec(output=args.output, model=model, storage=opts, batch_size=args.batch_size,
-                        max_pixels=args.max_pixels, read_threads=args.read_threads, crash=crash)
-    tasks = [ShardTask(url, ids[url]) for url in urls if ids[url] not in committed]
-    init_ray(args.ray_address)
-    try:
-        result = run_tasks("compress", spec, tasks, args.actors, args.max_retries, skipped=len(urls) - len(tasks),
-                           desc="compress")
-    except WorkerStartError as exc:
-        print(f"rdeic-job: error: {exc}", file=sys.stderr)
-        return 1
-    stats: list[ShardStats] = result.stats + [replace(s, skipped=True) for s in committed.values()]
-    summary = summarize("compress", stats, result.failed, result.seconds, result.actors, len(urls), result.startup_seconds)
+                        max_pixels=args.max_pixels, read_threads=args.read_threads, crash=common.crash_spec(args.inject_crash))
+    summary = common.run_units("compress", spec, [ShardTask(url, ids[url]) for url in urls], committed, args)
     summary["model_id"] = config["model_id"]
     return common.finish(summary, output)

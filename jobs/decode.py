@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import replace
 
 from pipelines import storage
-from pipelines.archive import ShardStats, committed_part_ids, part_name
-from pipelines.compress import CrashSpec, ShardTask
+from pipelines.archive import committed_part_ids, part_name
+from pipelines.compress import ShardTask
 from pipelines.decode import FORMATS, DecodeSpec, layout_for
-from pipelines.manifest import JobConfigMismatch, JobOutput
-from pipelines.report import summarize
+from pipelines.manifest import JobOutput
 
 from . import common
 
@@ -38,8 +36,6 @@ def _read_keys(path: str, opts) -> tuple[frozenset[str], str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.distributor import WorkerStartError, init_ray, run_tasks
-
     opts = common.storage_from(args)
     model = common.resolve_model(args.model)
     archive_fs, archive_root = storage.filesystem(args.archive, opts)
@@ -58,26 +54,10 @@ def run(args: argparse.Namespace) -> int:
     }
     fs, root = storage.filesystem(args.output, opts)
     output = JobOutput(fs, root, "decode", config, layout_for(args.format))
-    try:
-        committed = output.prepare(args.overwrite)
-    except JobConfigMismatch as exc:
-        print(f"rdeic-job: error: {exc}", file=sys.stderr)
-        return 2
-    crash = None
-    if args.inject_crash:
-        part, _, n = args.inject_crash.partition(":")
-        crash = CrashSpec(part, int(n or 1))
+    committed = output.prepare(args.overwrite)
     spec = DecodeSpec(archive=args.archive, output=args.output, model=model, storage=opts, format=args.format,
-                      steps=args.steps, detail=args.detail, batch_size=args.batch_size, keys=keys, crash=crash)
-    tasks = [ShardTask(storage.join(args.archive, part_name(p)), p) for p in parts if p not in committed]
-    init_ray(args.ray_address)
-    try:
-        result = run_tasks("decode", spec, tasks, args.actors, args.max_retries, skipped=len(parts) - len(tasks),
-                           desc="decode")
-    except WorkerStartError as exc:
-        print(f"rdeic-job: error: {exc}", file=sys.stderr)
-        return 1
-    stats: list[ShardStats] = result.stats + [replace(s, skipped=True) for s in committed.values()]
-    summary = summarize("decode", stats, result.failed, result.seconds, result.actors, len(parts), result.startup_seconds)
-    summary["failed_keys"] = [k for s in stats for k in s.failed_keys][:1000]
+                      steps=args.steps, detail=args.detail, batch_size=args.batch_size, keys=keys,
+                      crash=common.crash_spec(args.inject_crash))
+    units = [ShardTask(storage.join(args.archive, part_name(p)), p) for p in parts]
+    summary = common.run_units("decode", spec, units, committed, args)
     return common.finish(summary, output)

@@ -3,13 +3,14 @@
 ::
 
     archive/
-      _manifest.json                job config, model id, committed parts
-      _summary.json                 the last run's summary
-      part-<shard-id>.parquet       one row per input sample (ok or error)
-      part-<shard-id>.stats.json    commit marker: the shard's stats, written after the part
+      _manifest.json                        job config, model id, committed parts
+      _summary.json                         the last run's summary
+      _commits/part-<shard-id>.stats.json   commit marker: the shard's stats, written after the part
+      part-<shard-id>.parquet               one row per input sample (ok or error)
 
 A part without its marker is an uncommitted leftover: a resumed job removes and redoes it.
-Readers need only pyarrow (or pandas, DuckDB, Ray Data): ``part-*.parquet``.
+Readers need only pyarrow (or pandas, DuckDB, Ray Data); the folder reads as one dataset,
+since dataset readers skip names starting with "_" or ".".
 """
 
 from __future__ import annotations
@@ -52,8 +53,11 @@ def part_name(shard_id: str) -> str:
     return f"part-{shard_id}.parquet"
 
 
+COMMITS = "_commits"
+
+
 def marker_name(shard_id: str) -> str:
-    return f"part-{shard_id}.stats.json"
+    return f"{COMMITS}/part-{shard_id}.stats.json"
 
 
 @dataclass
@@ -135,5 +139,5 @@ def read_part(fs, root: str, shard_id: str, columns: list[str] | None = None) ->
 def committed_part_ids(fs, root: str) -> list[str]:
     """Ids of the parts whose commit marker exists (what a decode job reads)."""
     prefix, suffix = "part-", ".stats.json"
-    names = [p.rsplit("/", 1)[-1] for p in fs.glob(storage.join(root, prefix + "*" + suffix))]
+    names = [p.rsplit("/", 1)[-1] for p in fs.glob(storage.join(root, COMMITS, prefix + "*" + suffix))]
     return sorted(n[len(prefix): -len(suffix)] for n in names)

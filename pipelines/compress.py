@@ -34,6 +34,7 @@ class CrashSpec:
     shard_id: str
     after_samples: int = 1
     attempts: int = 1  # crash on this many attempts, then let the shard through
+    stall: bool = False  # hang instead of exiting, so that a test can kill the driver mid-shard
 
 
 @dataclass(frozen=True)
@@ -55,8 +56,11 @@ class ShardTask:
 
 
 def maybe_crash(crash: CrashSpec | None, task: ShardTask, n: int) -> None:
-    """Exit the worker process abruptly if ``crash`` targets this task (tests only)."""
+    """Exit (or hang in) the worker process if ``crash`` targets this task (tests only)."""
     if crash and crash.shard_id == task.shard_id and task.attempt < crash.attempts and n > crash.after_samples:
+        if crash.stall:
+            log.warning("injected stall in shard %s after %d samples", task.shard_id, crash.after_samples)
+            time.sleep(24 * 3600)
         log.warning("injected crash in shard %s after %d samples", task.shard_id, crash.after_samples)
         os._exit(17)
 

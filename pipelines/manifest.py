@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 
 from . import storage
-from .archive import ShardStats
+from .archive import COMMITS, ShardStats
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +40,10 @@ class Layout:
         return f"{self.data_prefix}{unit_id}{self.data_suffix}"
 
     def marker(self, unit_id: str) -> str:
-        return f"{self.data_prefix}{unit_id}.stats.json"
+        return f"{COMMITS}/{self.data_prefix}{unit_id}.stats.json"
 
     def unit_of_marker(self, name: str) -> str | None:
+        """The unit id of a file name inside the commits folder, if it is a marker."""
         suffix = ".stats.json"
         if name.startswith(self.data_prefix) and name.endswith(suffix):
             return name[len(self.data_prefix): -len(suffix)]
@@ -68,10 +69,11 @@ class JobOutput:
         with self.fs.open(path, "rb") as f:
             return json.loads(f.read().decode())
 
-    def _names(self) -> list[str]:
-        if not self.fs.exists(self.root):
+    def _names(self, folder: str = "") -> list[str]:
+        path = storage.join(self.root, folder) if folder else self.root
+        if not self.fs.exists(path):
             return []
-        return [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False)]
+        return [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(path, detail=False)]
 
     def prepare(self, overwrite: bool) -> dict[str, ShardStats]:
         """Check the manifest, clear leftovers, and return the committed units' stats."""
@@ -85,7 +87,7 @@ class JobOutput:
                     "or write to another output"
                 )
             self._remove_everything()
-        elif existing is None and any(self.layout.unit_of_marker(n) for n in self._names()):
+        elif existing is None and any(self.layout.unit_of_marker(n) for n in self._names(COMMITS)):
             if not overwrite:
                 raise JobConfigMismatch(f"{self.root} holds committed outputs but no {MANIFEST}; pass --overwrite to replace them")
             self._remove_everything()
@@ -96,32 +98,34 @@ class JobOutput:
 
     def _committed(self) -> dict[str, ShardStats]:
         out = {}
-        for name in self._names():
+        for name in self._names(COMMITS):
             unit = self.layout.unit_of_marker(name)
             if unit is not None:
-                with self.fs.open(self.path(name), "rb") as f:
+                with self.fs.open(self.path(f"{COMMITS}/{name}"), "rb") as f:
                     stats = ShardStats.from_json(f.read().decode())
                 stats.skipped = True
                 out[unit] = stats
         return out
 
+    def _is_tmp(self, name: str) -> bool:
+        return name.startswith(".") and ".tmp-" in name  # storage.open_atomic's names
+
     def _remove_leftovers(self, committed: set[str]) -> None:
-        markers = {self.layout.marker(u) for u in committed}
         data = {self.layout.data(u) for u in committed}
         for name in self._names():
-            if name in (MANIFEST, SUMMARY) or name in markers or name in data:
-                continue
-            is_tmp = ".tmp-" in name and name.startswith((self.layout.data_prefix, "_"))
-            is_unit_data = name.startswith(self.layout.data_prefix) and (
+            is_unit_data = name.startswith(self.layout.data_prefix) and name not in data and (
                 name.endswith(self.layout.data_suffix) if self.layout.data_suffix else self.fs.isdir(self.path(name))
             )
-            if is_tmp or is_unit_data:
+            if is_unit_data or self._is_tmp(name):
                 log.info("removing uncommitted leftover %s", name)
                 self.fs.rm(self.path(name), recursive=True)
+        for name in self._names(COMMITS):
+            if self._is_tmp(name):
+                self.fs.rm(self.path(f"{COMMITS}/{name}"))
 
     def _remove_everything(self) -> None:
         for name in self._names():
-            if name in (MANIFEST, SUMMARY) or name.startswith(self.layout.data_prefix):
+            if name in (MANIFEST, SUMMARY, COMMITS) or name.startswith(self.layout.data_prefix) or self._is_tmp(name):
                 self.fs.rm(self.path(name), recursive=True)
 
     def _write_manifest(self, committed: list[str], extra: dict | None = None) -> None:

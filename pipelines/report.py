@@ -31,6 +31,7 @@ def summarize(kind: str, stats: list[ShardStats], failed: list[dict], seconds: f
         "samples_ok_all_runs": sum(s.ok for s in stats),
         "samples_error_all_runs": sum(s.errors for s in stats),
         "error_reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])[:20]),
+        "failed_keys": [k for s in done for k in s.failed_keys][:1000],  # decode: all are in the markers
         "bytes_in": sum(s.bytes_in for s in done),
         "bytes_out": sum(s.bytes_out for s in done),
         "mean_bpp": bits / pixels if pixels else None,

@@ -86,12 +86,13 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
 def open_atomic(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[IO[bytes]]:
     """A file for writing that readers never see half-written.
 
-    Local files are written beside their name and renamed into place. On an object store
+    Local files are written to a hidden name beside their own and renamed into place. On an object store
     the upload (PUT or multipart) becomes visible only when completed; an error aborts it.
     """
     if is_local(fs):
         fs.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        folder, name = os.path.split(path)
+        tmp = os.path.join(folder, f".{name}.tmp-{uuid.uuid4().hex[:8]}")  # hidden: dataset readers skip it
         try:
             with open(tmp, "wb") as f:
                 yield f

@@ -40,8 +40,11 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def s3_server():
     """A local S3 (moto) on 127.0.0.1; yields its endpoint URL."""
+    import logging
+
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one log line per request drowns failure reports
     port = _free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()

@@ -40,7 +40,7 @@ def test_webdataset_output_with_sidecars_and_reported_source_errors(tiny_codec, 
     assert img.size == (80, 48)
     assert stats.ok == 5 and stats.errors == 1
     assert stats.failed_keys[0]["key"] == "bad" and "archive row is an error" in stats.failed_keys[0]["reason"]
-    marker = json.loads((tmp_path / "out" / "part-s.stats.json").read_text())
+    marker = json.loads((tmp_path / "out" / "_commits" / "part-s.stats.json").read_text())
     assert marker["failed_keys"] == stats.failed_keys
 
 
