@@ -45,6 +45,7 @@ class CropSpec:
     scale_min: float = 1.0  # random down-scaling before the crop (1.0: none)
     scale_max: float = 1.0
     flip: bool = True
+    permute_channels: bool = False  # random RGB order: colour variety for tiny training sets
 
 
 def random_crop(image: np.ndarray, spec: CropSpec, rng: np.random.Generator) -> np.ndarray:
@@ -60,6 +61,8 @@ def random_crop(image: np.ndarray, spec: CropSpec, rng: np.random.Generator) -> 
     crop = image[top:top + spec.size, left:left + spec.size]
     if spec.flip and rng.random() < 0.5:
         crop = crop[:, ::-1]
+    if spec.permute_channels:
+        crop = crop[:, :, rng.permutation(3)]
     return np.ascontiguousarray(crop)
 
 

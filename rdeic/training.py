@@ -46,6 +46,7 @@ class DataConfig:
     crop: int = 0  # 0: the stage's default (512 in stage 1, 256 in stage 2)
     scale_min: float = 1.0
     scale_max: float = 1.0
+    permute_channels: bool = False
     batch_size: int = 4
     seed: int = 0
     val_shards: tuple[str, ...] = ()
@@ -152,7 +153,7 @@ class Trainer:
             self.forward = DistributedDataParallel(self.loss, find_unused_parameters=False)
         self.step_count = 0
         urls = expand(list(cfg.data.shards))
-        self.data = ShardImages(urls, CropSpec(cfg.crop, cfg.data.scale_min, cfg.data.scale_max), cfg.data.seed, rank, world)
+        self.data = ShardImages(urls, CropSpec(cfg.crop, cfg.data.scale_min, cfg.data.scale_max, permute_channels=cfg.data.permute_channels), cfg.data.seed, rank, world)
         self._stream = None
 
     # ------------------------------------------------------------------ step

@@ -24,7 +24,7 @@ def shards(tmp_path_factory):
 
 
 def _config(shards, tmp_path, **over) -> TrainConfig:
-    data = {"stage": "stage1", "output": str(tmp_path / "out"), "init_preset": "tiny", "steps": 4,
+    data = {"stage": "stage1", "output": str(tmp_path / "out") if tmp_path else "", "init_preset": "tiny", "steps": 4,
             "data": {"shards": [shards], "crop": 64, "batch_size": 2}, "perceptual": "none",
             "optim": {"lr": 1e-3}, "checkpoint_every": 2, "log_every": 100}
     data.update(over)
@@ -94,3 +94,14 @@ def test_config_errors_are_readable(shards, tmp_path):
         _config(shards, tmp_path, init_model="x")
     with pytest.raises(ConfigError, match="stage must be one of"):
         _config(shards, tmp_path, stage="stage3")
+
+
+def test_checkpoints_on_object_storage_and_resume_from_there(shards, s3):
+    fs, bucket, _ = s3
+    cfg = _config(shards, None, output=f"s3://{bucket}/runs/a", steps=2)
+    train(cfg)
+    fs.invalidate_cache()
+    assert fs.exists(f"{bucket}/runs/a/checkpoints/step-00000002/COMPLETE")
+    resumed = []
+    train(_config(shards, None, output=f"s3://{bucket}/runs/a", steps=3), report=resumed.append)
+    assert resumed[0]["step"] == 3
