@@ -4,9 +4,15 @@ Prints one table. Every row is measured in the same run; the baseline ("DiffEIC-
 decodes the same compressed latent's guide hint but starts from pure noise at t = 999 and
 runs 50 respaced DDPM steps over the full 1000-step schedule, one UNet pass per step.
 
-    python bench/codec.py                   # tiny at 256² and 512², plus sd21 once at 512²
-    python bench/codec.py --skip-sd21       # tiny only (about a minute)
-    python bench/codec.py --sd21-model DIR  # sd21 rows from a converted model directory
+    python bench/codec.py                      # tiny at 256² and 512², plus sd21 at 512² (weights: see --sd21)
+    python bench/codec.py --sd21 none          # tiny only (about a minute)
+    python bench/codec.py --sd21 random        # sd21 preset with random weights, L = 2 only
+    python bench/codec.py --sd21-model DIR     # sd21 rows from an existing model directory
+
+``--sd21 converted`` (the default) builds the real conversion path with random values: an SD
+2.1-base diffusers folder and an authors'-layout RDEIC checkpoint with every tensor of
+``../shared/fixtures/rdeic_sd21_checkpoint_keys.json``, converted by ``rdeic.convert``; then
+L = 2 and 5, λs = 1 and 0.5. It needs about 15 GB of disk and memory and several minutes.
 """
 
 from __future__ import annotations
@@ -28,9 +34,43 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
 
 from rdeic.codec import Codec  # noqa: E402
-from rdeic.config import DiffusionConfig  # noqa: E402
 from rdeic.diffusion import RelaySchedule, sample  # noqa: E402
 from rdeic.weights import init_model, load_model, save_model  # noqa: E402
+
+KEYS = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "rdeic_sd21_checkpoint_keys.json"
+
+
+def converted_sd21(tmp: Path) -> Path:
+    """Random-valued SD 2.1-base (diffusers folder) + authors' checkpoint → rdeic.convert → model dir."""
+    import json
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    from rdeic.config import load_preset
+    from rdeic.convert import convert
+
+    cfg = load_preset("sd21")
+    torch.manual_seed(0)
+    UNet2DConditionModel(**cfg.unet).save_pretrained(tmp / "sd" / "unet")
+    AutoencoderKL(**cfg.vae).save_pretrained(tmp / "sd" / "vae")
+    (tmp / "sd" / "scheduler").mkdir(parents=True)
+    (tmp / "sd" / "scheduler" / "scheduler_config.json").write_text(json.dumps({"prediction_type": "epsilon"}))
+    spec = json.loads(KEYS.read_text())["tensors"]
+    state = {}
+    for key, (shape, dtype) in spec.items():
+        if key.endswith(("_offset", "_quantized_cdf", "_cdf_length", "scale_table")):
+            continue  # entropy tables are rebuilt by the converter
+        state[key] = torch.randn(shape) * 0.02 if dtype == "float32" else torch.zeros(shape, dtype=getattr(torch, dtype))
+    state["control_model.scale_list"] = torch.ones(25)
+    state["preprocess_model.gaussian_conditional.scale_bound"] = torch.tensor([0.11])
+    state["preprocess_model.gaussian_conditional.likelihood_lower_bound.bound"] = torch.tensor([1e-9])
+    state["preprocess_model.gaussian_conditional.lower_bound_scale.bound"] = torch.tensor([0.11])
+    save_file(state, str(tmp / "rdeic_2_step2.safetensors"))
+    save_file({"text_context": torch.randn(1, 77, 1024)}, str(tmp / "empty_prompt.safetensors"))
+    out = tmp / "rdeic-sd21-converted"
+    convert(tmp / "sd", tmp / "rdeic_2_step2.safetensors", out, text_embedding=str(tmp / "empty_prompt.safetensors"))
+    return out
 
 
 def test_image(size: int, seed: int = 0) -> np.ndarray:
@@ -99,8 +139,8 @@ def print_table(rows, conditions: str) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--skip-sd21", action="store_true")
-    p.add_argument("--sd21-model", help="converted sd21 model directory (default: random weights)")
+    p.add_argument("--sd21", choices=["converted", "random", "none"], default="converted")
+    p.add_argument("--sd21-model", help="an sd21 model directory to time instead")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all; the codec's deterministic mode uses 1)")
     p.add_argument("--nondeterministic", action="store_true", help="let the codec use all threads")
     args = p.parse_args()
@@ -113,18 +153,23 @@ def main() -> None:
         codec = Codec.load(Path(tmp) / "tiny", deterministic=det)
         for size in (256, 512):
             rows += bench_rows(codec, "tiny", size, (2, 5), (1.0, 0.5), args.repeats, baseline=True)
-        if not args.skip_sd21:
+        if args.sd21_model or args.sd21 != "none":
             if args.sd21_model:
-                model, model_id = load_model(args.sd21_model)
+                directory, grid = Path(args.sd21_model), ((2, 5), (1.0, 0.5))
+            elif args.sd21 == "converted":
+                directory, grid = converted_sd21(Path(tmp)), ((2, 5), (1.0, 0.5))
             else:
-                save_model(init_model("sd21"), Path(tmp) / "sd21")
-                model, model_id = load_model(Path(tmp) / "sd21")
+                directory, grid = Path(tmp) / "sd21", ((2,), (1.0,))
+                save_model(init_model("sd21"), directory)
+            model, model_id = load_model(directory)
             sd = Codec(model, model_id, deterministic=det)
-            rows += bench_rows(sd, "sd21", 512, (2,), (1.0,), 1, baseline=False)
+            label = "sd21" + ("*" if args.sd21 == "converted" and not args.sd21_model else "")
+            rows += bench_rows(sd, label, 512, *grid, 1, baseline=False)
     threads = 1 if det else torch.get_num_threads()
     conditions = (f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads available, "
                   f"codec runs on {threads} thread(s) (deterministic={det}), torch {torch.__version__}, CPU, float32, "
-                  f"batch 1, random weights; median of {args.repeats} after a warm-up")
+                  f"batch 1, random weights; median of {args.repeats} after a warm-up (sd21: one run after a warm-up); "
+                  "sd21* = converted from an SD 2.1-base folder and an authors'-layout checkpoint")
     print_table(rows, conditions)
 
 
