@@ -46,6 +46,7 @@ class CropSpec:
     scale_max: float = 1.0
     flip: bool = True
     permute_channels: bool = False  # random RGB order: colour variety for tiny training sets
+    colour_gain: float = 0.0  # per-channel gains in [1 - g, 1 + g]: casts and tints a model must keep
 
 
 def random_crop(image: np.ndarray, spec: CropSpec, rng: np.random.Generator) -> np.ndarray:
@@ -63,6 +64,9 @@ def random_crop(image: np.ndarray, spec: CropSpec, rng: np.random.Generator) -> 
         crop = crop[:, ::-1]
     if spec.permute_channels:
         crop = crop[:, :, rng.permutation(3)]
+    if spec.colour_gain > 0:
+        gains = rng.uniform(1.0 - spec.colour_gain, 1.0 + spec.colour_gain, size=3).astype(np.float32)
+        crop = np.clip(crop.astype(np.float32) * gains + 0.5, 0, 255).astype(np.uint8)
     return np.ascontiguousarray(crop)
 
 

@@ -47,6 +47,7 @@ class DataConfig:
     scale_min: float = 1.0
     scale_max: float = 1.0
     permute_channels: bool = False
+    colour_gain: float = 0.0
     batch_size: int = 4
     seed: int = 0
     val_shards: tuple[str, ...] = ()
@@ -153,7 +154,8 @@ class Trainer:
             self.forward = DistributedDataParallel(self.loss, find_unused_parameters=False)
         self.step_count = 0
         urls = expand(list(cfg.data.shards))
-        self.data = ShardImages(urls, CropSpec(cfg.crop, cfg.data.scale_min, cfg.data.scale_max, permute_channels=cfg.data.permute_channels), cfg.data.seed, rank, world)
+        self.data = ShardImages(urls, CropSpec(cfg.crop, cfg.data.scale_min, cfg.data.scale_max, permute_channels=cfg.data.permute_channels,
+                                                 colour_gain=cfg.data.colour_gain), cfg.data.seed, rank, world)
         self._stream = None
 
     # ------------------------------------------------------------------ step
