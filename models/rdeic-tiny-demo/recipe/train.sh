@@ -4,7 +4,7 @@
 set -euo pipefail
 recipe=models/rdeic-tiny-demo/recipe
 python "$recipe/prepare_data.py" --out out/demo-data --examples examples/shards
-for stage in vae denoiser stage1 stage2; do
+for stage in vae vae_refine denoiser stage1 stage2; do
   rdeic train --config "$recipe/$stage.yaml"
 done
 python "$recipe/export.py" out/demo-train/stage2/final models/rdeic-tiny-demo
