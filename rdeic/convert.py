@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from .compression import ENTROPY_TABLE_KEYS, entropy_buffers
 from .config import CompressionConfig, ControlConfig, DiffusionConfig, ModelConfig, load_preset
 from .errors import ModelFormatError
 from .model import RDEIC
@@ -128,7 +129,6 @@ _COMPRESSION = [  # (regex on the authors' key after "preprocess_model.", replac
     (r"\.subpel_conv\.0\.", ".subpel.conv."), (r"\.upsample\.0\.", ".skip.conv."), (r"\.downsample\.", ".skip."),
     (r"^(channel_context\.\d+)\.fushion\.", r"\1.net."), (r"^(entropy_parameters_(?:non)?anchor\.\d+)\.fusion\.", r"\1.net."),
 ]
-_AUTHORS_TABLES = ("_offset", "_quantized_cdf", "_cdf_length", "scale_table")
 
 
 def _resblock_key(rest: str) -> str:
@@ -181,7 +181,7 @@ def map_rdeic_state(state: dict[str, torch.Tensor], model: RDEIC) -> dict[str, t
     """The authors' ``control_model.*`` / ``preprocess_model.*`` tensors under our names, strictly."""
     plan = model.control._plan
     targets = {k for k in model.state_dict() if k.startswith(("control.", "compression."))}
-    tables = {f"compression.gaussian_conditional.{t}" for t in _AUTHORS_TABLES}
+    tables = {f"compression.gaussian_conditional.{t}" for t in ENTROPY_TABLE_KEYS}
     out, unmapped = {}, []
     for key, value in state.items():
         try:
@@ -289,18 +289,13 @@ def convert(sd: str | os.PathLike, rdeic: str | os.PathLike, out: str | os.PathL
     state.update({f"unet.{k}": v for k, v in unet.items()})
     state.update(rdeic_state)
     state["text_context"] = text.reshape(1, config.text_context_length, config.context_dim)
-    fresh = _fresh_buffers(config)
-    for key in ("compression.gaussian_conditional.scale_bound", "compression.gaussian_conditional.likelihood_lower_bound.bound",
-                "compression.gaussian_conditional.lower_bound_scale.bound"):
-        state.setdefault(key, fresh[key])
-    for key in [k for k in fresh if k.startswith("compression.gaussian_conditional.") and k not in state]:
-        state[key] = fresh[key]  # entropy tables, built from the scale table
-        setattr(model.compression.gaussian_conditional, key.rsplit(".", 1)[-1], torch.empty_like(fresh[key], device="meta"))
+    # Entropy tables (and any bound buffers the checkpoint lacks) are built here from the scale table;
+    # table buffers change shape with their contents, so the meta model's placeholders are resized.
+    for key, value in entropy_buffers(config.compression).items():
+        if f"compression.gaussian_conditional.{key}" not in state:
+            state[f"compression.gaussian_conditional.{key}"] = value
+            if key in ENTROPY_TABLE_KEYS:
+                setattr(model.compression.gaussian_conditional, key, torch.empty_like(value, device="meta"))
     load_state_strict(model, {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, "converted weights")
     return save_model(model.eval(), out)
 
-
-def _fresh_buffers(config: ModelConfig) -> dict[str, torch.Tensor]:
-    from .compression import entropy_buffers
-
-    return {f"compression.gaussian_conditional.{k}": v for k, v in entropy_buffers(config.compression).items()}

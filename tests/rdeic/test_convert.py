@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from rdeic.compression import ENTROPY_TABLE_KEYS, entropy_buffers
 from rdeic.config import load_preset
 from rdeic.convert import config_from_authors_yaml, map_rdeic_state, read_checkpoint
 from rdeic.errors import ModelFormatError
@@ -40,23 +41,21 @@ def test_authors_sd21_keys_map_exactly_onto_our_sd21_model(sd21_meta):
     state = _synthetic(spec)
     mapped = map_rdeic_state(state, sd21_meta)
     ours = {k: v for k, v in sd21_meta.state_dict().items() if k.startswith(("control.", "compression."))}
-    tables = {k for k in ours if k.split(".")[-1] in ("_offset", "_quantized_cdf", "_cdf_length", "scale_table")}
+    tables = {k for k in ours if k.split(".")[-1] in ENTROPY_TABLE_KEYS}
     assert set(mapped) == set(ours) - tables  # every tensor of ours filled; entropy tables rebuilt at conversion
     for key, value in mapped.items():
         assert tuple(value.shape) == tuple(ours[key].shape), key
     used = {id(v) for v in mapped.values()}
     unused = [k for k, v in state.items() if id(v) not in used]
-    assert sorted(unused) == sorted(k for k in spec if k.split(".")[-1] in ("_offset", "_quantized_cdf", "_cdf_length", "scale_table"))
+    assert sorted(unused) == sorted(k for k in spec if k.split(".")[-1] in ENTROPY_TABLE_KEYS)
     # strict load into the real modules, then exact equality of every mapped tensor
     for part in ("control", "compression"):
         module = getattr(sd21_meta, part)
         sub = {k[len(part) + 1:]: v for k, v in mapped.items() if k.startswith(part + ".")}
         if part == "compression":
-            from rdeic.compression import entropy_buffers
-
             for k, v in entropy_buffers(load_preset("sd21").compression).items():
                 sub.setdefault(f"gaussian_conditional.{k}", v)
-                if k in ("_offset", "_quantized_cdf", "_cdf_length", "scale_table"):
+                if k in ENTROPY_TABLE_KEYS:
                     setattr(module.gaussian_conditional, k, torch.empty_like(v, device="meta"))
         module.load_state_dict(sub, strict=True, assign=True)
         loaded = module.state_dict()
