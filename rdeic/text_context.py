@@ -38,55 +38,54 @@ def _attention(x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     return out.transpose(1, 2).reshape(b, n, d)
 
 
-def _open_clip_blocks(state: dict, prefix: str) -> int:
-    ids = {int(k[len(prefix):].split(".")[0]) for k in state if k.startswith(prefix)}
-    return max(ids) + 1 if ids else 0
+# Key names of the two layouts, relative to the prefix; "qkv" is one fused projection in OpenCLIP.
+_LAYOUTS = {
+    "open_clip": {"tok": "token_embedding.weight", "pos": "positional_embedding", "block": "transformer.resblocks",
+                  "ln1": "ln_1", "ln2": "ln_2", "qkv": "attn.in_proj", "out": "attn.out_proj",
+                  "fc1": "mlp.c_fc", "fc2": "mlp.c_proj", "final": "ln_final"},
+    "hf_clip": {"tok": "embeddings.token_embedding.weight", "pos": "embeddings.position_embedding.weight",
+                "block": "encoder.layers", "ln1": "layer_norm1", "ln2": "layer_norm2", "qkv": None,
+                "out": "self_attn.out_proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2", "final": "final_layer_norm"},
+}
+
+
+def _linear(x: torch.Tensor, s: dict, name: str) -> torch.Tensor:
+    return F.linear(x, s[f"{name}.weight"], s[f"{name}.bias"])
 
 
 @torch.no_grad()
+def _empty_prompt(state: dict, layout: str, prefix: str, heads: int | None, skip_last: int) -> torch.Tensor:
+    """The causal CLIP text transformer on the empty prompt, all blocks but the last ``skip_last``."""
+    n = _LAYOUTS[layout]
+    try:
+        tok = state[prefix + n["tok"]].float()
+        pos = state[prefix + n["pos"]].float()
+    except KeyError:
+        raise ModelFormatError(f"no {layout} text encoder weights under {prefix!r}") from None
+    s = {k: v.float() for k, v in state.items() if k.startswith(prefix)}
+    heads = heads or tok.shape[1] // 64
+    x = tok[empty_prompt_tokens(pos.shape[0])] + pos
+    block_prefix = f"{prefix}{n['block']}."
+    blocks = len({k[len(block_prefix):].split(".")[0] for k in s if k.startswith(block_prefix)})
+    for i in range(blocks - skip_last):
+        p = f"{block_prefix}{i}."
+        h = _layer_norm(x, s, p + n["ln1"])
+        if n["qkv"]:
+            q, k, v = F.linear(h, s[f"{p}{n['qkv']}_weight"], s[f"{p}{n['qkv']}_bias"]).chunk(3, dim=-1)
+        else:
+            q, k, v = (_linear(h, s, f"{p}self_attn.{c}_proj") for c in "qkv")
+        x = x + _linear(_attention(h, q, k, v, heads), s, p + n["out"])
+        h = F.gelu(_linear(_layer_norm(x, s, p + n["ln2"]), s, p + n["fc1"]))
+        x = x + _linear(h, s, p + n["fc2"])
+    return _layer_norm(x, s, prefix + n["final"])
+
+
 def from_open_clip(state: dict, prefix: str = "cond_stage_model.model.", heads: int | None = None,
                    skip_last: int = 1) -> torch.Tensor:
-    """(1, 77, width) empty-prompt features from OpenCLIP-layout text-tower weights."""
-    try:
-        tok = state[f"{prefix}token_embedding.weight"].float()
-        pos = state[f"{prefix}positional_embedding"].float()
-    except KeyError:
-        raise ModelFormatError(f"no OpenCLIP text tower under {prefix!r} in this checkpoint") from None
-    width = tok.shape[1]
-    heads = heads or width // 64
-    s = {k: v.float() for k, v in state.items() if k.startswith(prefix)}
-    x = tok[empty_prompt_tokens(pos.shape[0])] + pos
-    blocks = _open_clip_blocks(s, f"{prefix}transformer.resblocks.")
-    for i in range(blocks - skip_last):
-        p = f"{prefix}transformer.resblocks.{i}"
-        h = _layer_norm(x, s, f"{p}.ln_1")
-        q, k, v = F.linear(h, s[f"{p}.attn.in_proj_weight"], s[f"{p}.attn.in_proj_bias"]).chunk(3, dim=-1)
-        x = x + F.linear(_attention(h, q, k, v, heads), s[f"{p}.attn.out_proj.weight"], s[f"{p}.attn.out_proj.bias"])
-        h = _layer_norm(x, s, f"{p}.ln_2")
-        h = F.gelu(F.linear(h, s[f"{p}.mlp.c_fc.weight"], s[f"{p}.mlp.c_fc.bias"]))
-        x = x + F.linear(h, s[f"{p}.mlp.c_proj.weight"], s[f"{p}.mlp.c_proj.bias"])
-    return _layer_norm(x, s, f"{prefix}ln_final")
+    """(1, 77, width) empty-prompt features from OpenCLIP-layout text-tower weights (penultimate layer)."""
+    return _empty_prompt(state, "open_clip", prefix, heads, skip_last)
 
 
-@torch.no_grad()
 def from_hf_clip(state: dict, prefix: str = "text_model.", heads: int | None = None) -> torch.Tensor:
     """(1, 77, width) empty-prompt features from a Hugging Face CLIPTextModel's weights (all its layers)."""
-    try:
-        tok = state[f"{prefix}embeddings.token_embedding.weight"].float()
-        pos = state[f"{prefix}embeddings.position_embedding.weight"].float()
-    except KeyError:
-        raise ModelFormatError(f"no CLIPTextModel weights under {prefix!r}") from None
-    s = {k: v.float() for k, v in state.items() if k.startswith(prefix)}
-    width = tok.shape[1]
-    heads = heads or width // 64
-    x = tok[empty_prompt_tokens(pos.shape[0])] + pos
-    layers = _open_clip_blocks(s, f"{prefix}encoder.layers.")
-    for i in range(layers):
-        p = f"{prefix}encoder.layers.{i}"
-        h = _layer_norm(x, s, f"{p}.layer_norm1")
-        q, k, v = (F.linear(h, s[f"{p}.self_attn.{n}_proj.weight"], s[f"{p}.self_attn.{n}_proj.bias"]) for n in "qkv")
-        x = x + F.linear(_attention(h, q, k, v, heads), s[f"{p}.self_attn.out_proj.weight"], s[f"{p}.self_attn.out_proj.bias"])
-        h = _layer_norm(x, s, f"{p}.layer_norm2")
-        h = F.gelu(F.linear(h, s[f"{p}.mlp.fc1.weight"], s[f"{p}.mlp.fc1.bias"]))
-        x = x + F.linear(h, s[f"{p}.mlp.fc2.weight"], s[f"{p}.mlp.fc2.bias"])
-    return _layer_norm(x, s, f"{prefix}final_layer_norm")
+    return _empty_prompt(state, "hf_clip", prefix, heads, skip_last=0)
