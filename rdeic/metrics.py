@@ -113,48 +113,26 @@ class LPIPS(nn.Module):
 
 
 class DISTS(nn.Module):
-    """DISTS (Ding et al. 2020) over a VGG16 with L2 pooling; inputs in [0, 1]; lower is better."""
+    """DISTS (Ding et al. 2020), torchmetrics' network over a VGG16 read from a local file; inputs in [0, 1]; lower is better."""
 
     def __init__(self, weights: str | os.PathLike | None = None, random_backbone: bool = False) -> None:
         super().__init__()
         import torchvision
-        from torchmetrics.functional.image.dists import _PATH_WEIGHT_DISTS, L2pooling
+        from torchmetrics.functional.image import dists
 
         vgg = (torchvision.models.vgg16(weights=None) if random_backbone
-               else _load_torchvision("vgg16", backbone_path("vgg16", weights))).features
-        cuts = [(0, 4), (5, 9), (10, 16), (17, 23), (24, 30)]
-        pools = [None, 64, 128, 256, 512]
-        self.stages = nn.ModuleList()
-        for (lo, hi), pool in zip(cuts, pools):
-            layers = [L2pooling(channels=pool)] if pool else []
-            self.stages.append(nn.Sequential(*layers, *[vgg[i] for i in range(lo, hi)]))
-        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, -1, 1, 1))
-        self.chns = [3, 64, 128, 256, 512, 512]
-        alpha_beta = torch.load(str(_PATH_WEIGHT_DISTS), map_location="cpu", weights_only=True)
-        self.register_buffer("alpha", alpha_beta["alpha"].float())
-        self.register_buffer("beta", alpha_beta["beta"].float())
+               else _load_torchvision("vgg16", backbone_path("vgg16", weights)))
+        # torchmetrics builds its VGG16 with ``weights=DEFAULT``, a download: hand it ours instead.
+        library_vgg16 = dists.vgg16
+        dists.vgg16 = lambda weights=None: vgg
+        try:
+            self.net = dists.DISTSNetwork()
+        finally:
+            dists.vgg16 = library_vgg16
         self.eval().requires_grad_(False)
 
-    def _features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        feats, h = [x], (x - self.mean) / self.std
-        for stage in self.stages:
-            h = stage(h)
-            feats.append(h)
-        return feats
-
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        fx, fy = self._features(x), self._features(y)
-        w = self.alpha.sum() + self.beta.sum()
-        alpha, beta = torch.split(self.alpha / w, self.chns, 1), torch.split(self.beta / w, self.chns, 1)
-        d1 = d2 = 0.0
-        for k in range(len(self.chns)):
-            mx, my = fx[k].mean([2, 3], keepdim=True), fy[k].mean([2, 3], keepdim=True)
-            d1 = d1 + (alpha[k] * (2 * mx * my + 1e-6) / (mx**2 + my**2 + 1e-6)).sum(1, keepdim=True)
-            vx, vy = ((fx[k] - mx) ** 2).mean([2, 3], keepdim=True), ((fy[k] - my) ** 2).mean([2, 3], keepdim=True)
-            cov = (fx[k] * fy[k]).mean([2, 3], keepdim=True) - mx * my
-            d2 = d2 + (beta[k] * (2 * cov + 1e-6) / (vx + vy + 1e-6)).sum(1, keepdim=True)
-        return (1 - (d1 + d2)).flatten()
+        return self.net(x, y, require_grad=torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)).reshape(-1)
 
 
 def patches(image: np.ndarray, size: int = 256) -> list[np.ndarray]:
@@ -169,32 +147,33 @@ def patches(image: np.ndarray, size: int = 256) -> list[np.ndarray]:
 
 
 class DistributionMetrics:
-    """FID and KID between original and decoded images, over 256×256 patches."""
+    """FID and KID between original and decoded images, over 256×256 patches.
+
+    Only the feature network's outputs are kept (2048 floats per patch), never the patches.
+    """
 
     def __init__(self, weights: str | os.PathLike | None = None, feature: nn.Module | None = None,
-                 patch: int = 256, kid_subset: int = 1000) -> None:
+                 patch: int = 256, kid_subset: int = 1000, kid_subsets: int = 100) -> None:
         from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
         from torchmetrics.image.kid import KernelInceptionDistance
 
         if feature is None:
             feature = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
                                          feature_extractor_weights_path=str(backbone_path("inception", weights)))
-        self.feature = feature
         self.patch = patch
         self.kid_subset = kid_subset
+        self.patches = 0
         self._fid = FrechetInceptionDistance(feature=feature)
-        self._kid_cls = KernelInceptionDistance
-        self._real: list[np.ndarray] = []
-        self._fake: list[np.ndarray] = []
+        self._kid = KernelInceptionDistance(feature=feature, subset_size=kid_subset, subsets=kid_subsets)
 
     def update(self, original: np.ndarray, decoded: np.ndarray) -> int:
         """Add one image pair; returns the number of patches it gave."""
         real, fake = patches(original, self.patch), patches(decoded, self.patch)
         if real:
-            self._fid.update(self._batch(real), real=True)
-            self._fid.update(self._batch(fake), real=False)
-            self._real += real
-            self._fake += fake
+            for metric in (self._fid, self._kid):
+                metric.update(self._batch(real), real=True)
+                metric.update(self._batch(fake), real=False)
+            self.patches += len(real)
         return len(real)
 
     @staticmethod
@@ -202,12 +181,9 @@ class DistributionMetrics:
         return torch.from_numpy(np.stack(items)).permute(0, 3, 1, 2).contiguous()
 
     def compute(self) -> dict:
-        n = len(self._real)
+        n = self.patches
         if n < 2:
             return {"fid": None, "kid": None, "patches": n}
-        subset = min(self.kid_subset, n)
-        kid = self._kid_cls(feature=self.feature, subset_size=subset, subsets=max(1, min(100, n // subset * 10)))
-        kid.update(self._batch(self._real), real=True)
-        kid.update(self._batch(self._fake), real=False)
-        kid_mean, _ = kid.compute()
+        self._kid.subset_size = min(self.kid_subset, n)  # KID subsets cannot be larger than the sample
+        kid_mean, _ = self._kid.compute()
         return {"fid": float(self._fid.compute()), "kid": float(kid_mean), "patches": n}

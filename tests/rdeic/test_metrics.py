@@ -83,9 +83,12 @@ def test_fid_kid_over_patches_with_a_random_feature_network(rng):
         def forward(self, x):
             return self.conv(x.float() / 255).mean([2, 3])
 
-    dm = metrics.DistributionMetrics(feature=Features(), kid_subset=4)
+    same, worse = (metrics.DistributionMetrics(feature=Features(), kid_subset=4, kid_subsets=10) for _ in range(2))
     for _ in range(3):
         img = random_image(rng, 300, 300)
-        assert dm.update(img, img) == 1
-    same = dm.compute()
-    assert same["patches"] == 3 and abs(same["fid"]) < 1e-3
+        assert same.update(img, img) == 1
+        worse.update(img, np.zeros_like(img))
+    a, b = same.compute(), worse.compute()  # 3 patches each: KID's subset shrinks to fit
+    assert a["patches"] == b["patches"] == 3
+    assert abs(a["fid"]) < 1e-3 and abs(a["kid"]) < 1e-3  # KID draws its subsets at random
+    assert b["fid"] > 100 * max(a["fid"], 1e-4) and b["kid"] > 100 * max(a["kid"], 1e-4), (a, b)
