@@ -75,9 +75,9 @@ def run(args: argparse.Namespace) -> int:
     if result.error:
         print(f"rdeic-job: error: training failed: {result.error}", file=sys.stderr)
         return 1
-    from rdeic.training import _fs
+    import fsspec
 
-    fs, root = _fs(cfg.output)
+    fs, root = fsspec.core.url_to_fs(cfg.output)
     rows = [json.loads(line) for line in fs.cat(root.rstrip("/") + "/metrics.jsonl").decode().splitlines() if line]
     final = {}
     for row in rows:  # the last step's loss terms, then the final validation

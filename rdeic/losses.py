@@ -30,6 +30,11 @@ def bits_per_pixel(likelihoods: torch.Tensor, num_pixels: int) -> torch.Tensor:
     return likelihoods.log().sum() / (-math.log(2) * num_pixels)
 
 
+def _psnr(mse: torch.Tensor) -> float:
+    """PSNR of an MSE between images in [-1, 1] (peak-to-peak 2)."""
+    return 10 * math.log10(4.0 / max(mse.item(), 1e-12))
+
+
 @dataclass(frozen=True)
 class LossWeights:
     lambda_r: float = 2.0
@@ -101,9 +106,8 @@ class StageLoss(nn.Module):
         l_p = self.perceptual(x_hat, x).mean() if self.perceptual is not None else x_hat.new_zeros(())
         l_guide = F.mse_loss(z_c, z0)
         loss = w.lambda_r * (l_mse + w.perceptual * l_p + l_guide) + w.rate * (bpp + out["vq_loss"])
-        psnr = 10 * math.log10(4.0 / max(l_mse.item(), 1e-12))  # images in [-1, 1]
         return loss, {"loss": loss.item(), "bpp": bpp.item(), "vq": out["vq_loss"].item(), "mse": l_mse.item(),
-                      "perceptual": l_p.item(), "guide_mse": l_guide.item(), "psnr": psnr}
+                      "perceptual": l_p.item(), "guide_mse": l_guide.item(), "psnr": _psnr(l_mse)}
 
     # ------------------------------------------- base models of small presets
     def _vae(self, x: torch.Tensor):
@@ -117,7 +121,7 @@ class StageLoss(nn.Module):
         kl = posterior.kl().mean() / (x.shape[2] * x.shape[3])
         loss = l_rec + self.w.perceptual * l_p + 1e-4 * kl
         return loss, {"loss": loss.item(), "mse": l_rec.item(), "perceptual": l_p.item(), "kl": kl.item(),
-                      "psnr": 10 * math.log10(4.0 / max(l_rec.item(), 1e-12))}
+                      "psnr": _psnr(l_rec)}
 
     def _denoiser(self, x: torch.Tensor):
         """Plain ε-prediction over all 1000 steps on the frozen VAE's latents, empty-prompt context."""
@@ -127,8 +131,7 @@ class StageLoss(nn.Module):
             z0 = m.latent_from_moments(moments, generator=self.generator, sample=True)
         t = torch.randint(0, m.config.diffusion.num_train_timesteps, (x.shape[0],), generator=self.generator)
         noise = _randn(z0.shape, self.generator, z0)
-        ab = m.schedule.alphas_cumprod[t].to(z0).view(-1, 1, 1, 1)
-        z_t = ab.sqrt() * z0 + (1 - ab).sqrt() * noise
+        z_t = m.schedule.q_sample(z0, z0, t, noise)  # the plain forward process: no relay residual
         eps = m.eps(z_t, t.to(x.device), hint=torch.zeros(()), detail=0.0)
         loss = F.mse_loss(eps, noise)
         return loss, {"loss": loss.item()}

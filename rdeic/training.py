@@ -11,10 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -194,8 +193,6 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "loss_generator": self.loss.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
-            "numpy_rng": [int(v) for v in np.random.get_state()[1]],
-            "python_rng": repr(random.getstate()),
             "data_epoch": self.data.epoch,
             "data_index": self.data.index,
             "config": json.dumps(to_dict(self.cfg), sort_keys=True),
@@ -289,8 +286,6 @@ def build_trainer(cfg: TrainConfig, device: torch.device, rank: int = 0, world: 
 
 
 def _renamed(model: RDEIC, cfg: TrainConfig) -> RDEIC:
-    from dataclasses import replace
-
     trained = cfg.stage in ("stage1", "stage2") or model.config.trained
     name = cfg.name or model.config.name
     if (name, trained) != (model.config.name, model.config.trained):
@@ -308,7 +303,7 @@ def train(cfg: TrainConfig, device: torch.device | str = "cpu", rank: int = 0, w
         terms = trainer.step(trainer.next_batch())
         step = trainer.step_count
         metrics = {"step": step, **terms}
-        if cfg.validate_every and step % cfg.validate_every == 0 and rank == 0:
+        if cfg.validate_every and step % cfg.validate_every == 0 and step < cfg.steps and rank == 0:
             metrics.update(validate(trainer))
         if step % cfg.log_every == 0 or step == cfg.steps:
             rate = step / max(time.perf_counter() - t0, 1e-9)
@@ -339,8 +334,6 @@ def train(cfg: TrainConfig, device: torch.device | str = "cpu", rank: int = 0, w
 @torch.no_grad()
 def calibrate_latent_scale(trainer: Trainer, batches_: int = 16) -> float:
     """Set the VAE's scaling factor so that training latents have unit variance (SD: 0.18215)."""
-    from dataclasses import replace
-
     model = trainer.model
     stream = batches(ShardImages(trainer.data.urls, trainer.data.crop, seed=4321).iterate(), trainer.cfg.data.batch_size)
     latents = [model.vae.encode(next(stream).to(trainer.device)).latent_dist.mean for _ in range(batches_)]
@@ -384,5 +377,5 @@ def validate(trainer: Trainer) -> dict[str, float]:
     streams = codec.compress(images)
     decoded = codec.decompress(streams, steps=cfg.fixed_steps)
     model.train(was_training)
-    bpp = float(np.mean([len(s) * 8 / (im.shape[0] * im.shape[1]) for s, im in zip(streams, images)]))
+    bpp = float(np.mean([codec.bpp(s, im.shape[1], im.shape[0]) for s, im in zip(streams, images)]))
     return {"val_bpp": bpp, "val_psnr": float(np.mean([psnr(a, b) for a, b in zip(images, decoded)]))}
