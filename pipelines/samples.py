@@ -1,7 +1,8 @@
 """Turning a WebDataset sample into an RGB image plus the metadata the archive keeps.
 
 Every outcome is a :class:`PreparedSample`; a sample that cannot be coded carries its
-reason in ``error`` and still becomes a row of the archive.
+reason in ``error`` (a message) and ``error_code`` (from :data:`pipelines.reasons.CODES`) and
+still becomes a row of the archive. Nothing in the sample's bytes makes :func:`prepare` raise.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rdeic.images import ImageReadError, open_image, to_rgb
+from rdeic.images import ImageReadError, format_name, open_image, to_rgb
 
+from . import reasons
 from .shards import Sample
 
 # Extensions taken as the image, in order of preference.
@@ -29,11 +31,18 @@ class PreparedSample:
     width: int | None
     height: int | None
     mode: str | None  # the original PIL mode, before conversion to RGB
-    original_format: str | None  # PIL format name (JPEG, PNG, ...) or the member's extension
+    # PIL's format name (JPEG, PNG, ...): of the opened image, else guessed from the extension; None without an image
+    original_format: str | None
     original_bytes: int
     original_sha256: str | None
     meta_json: str  # the sample's other files: {ext: text} or {ext: {"base64": ...}}
     error: str | None = None
+    error_code: str | None = None  # a key of reasons.CODES, set with error
+
+    def fail(self, code: str, message: str) -> PreparedSample:
+        """Record why this sample cannot be coded; returns it, for ``return result.fail(...)``."""
+        self.error_code, self.error, self.image = reasons.check(code), message, None
+        return self
 
 
 def sidecars_to_json(files: dict[str, bytes]) -> str:
@@ -62,35 +71,39 @@ def _pick_image(files: dict[str, bytes]) -> str | None:
     return None
 
 
+def _type_name(exc: BaseException) -> str:
+    """``TypeError``, ``struct.error``, ``PIL.Image.DecompressionBombError``: a name that says what raised."""
+    kind = type(exc)
+    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+
+
 def prepare(sample: Sample, max_pixels: int) -> PreparedSample:
     image_ext = _pick_image(sample.files)
     sidecars = {ext: data for ext, data in sample.files.items() if ext != image_ext}
     data = sample.files.get(image_ext, b"") if image_ext else b""
     result = PreparedSample(
         key=sample.key, index=sample.index, image=None, width=None, height=None, mode=None,
-        original_format=image_ext, original_bytes=len(data),
+        original_format=format_name(image_ext) if image_ext else None, original_bytes=len(data),
         original_sha256=hashlib.sha256(data).hexdigest() if image_ext else None,
-        meta_json=sidecars_to_json(sidecars), error=sample.error,
+        meta_json=sidecars_to_json(sidecars),
     )
-    if result.error:
-        return result
+    if sample.error:
+        return result.fail(sample.error_code or "bad_member", sample.error)  # the reader's error
     if image_ext is None:
         members = ", ".join(sorted(sample.files)) or "none"
-        result.error = f"no image file in sample (members: {members})"
-        return result
+        return result.fail("no_image", f"no image file in sample (members: {members})")
     if not data:
-        result.error = f"empty image file {sample.key}.{image_ext}"
-        return result
+        return result.fail("empty_image", f"empty image file {sample.key}.{image_ext}")
+    name = f"{sample.key}.{image_ext}"
     try:
         img = open_image(data, max_pixels=max_pixels)
-        result.mode, result.original_format = img.mode, img.format or image_ext
+        result.mode, result.original_format = img.mode, img.format or result.original_format
         rgb = to_rgb(img)
     except ImageReadError as exc:
-        result.error = f"{sample.key}.{image_ext}: {exc}"
-        return result
-    except (ValueError, OSError) as exc:  # conversions PIL does not support (e.g. LAB)
-        result.error = f"{sample.key}.{image_ext}: unsupported image mode {result.mode}: {exc}"
-        return result
+        result.original_format = exc.image_format or result.original_format
+        return result.fail(exc.code, f"{name}: {exc}")
+    except Exception as exc:  # recorded: whatever PIL raises on these bytes (MemoryError too) is this sample's error
+        return result.fail("corrupt_image", f"{name}: {_type_name(exc)} while decoding: {str(exc)[:200]}")
     result.image = rgb
     result.height, result.width = rgb.shape[:2]
     return result

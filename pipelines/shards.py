@@ -1,20 +1,57 @@
-"""Reading WebDataset tar shards as a stream of samples.
+r"""Reading WebDataset tar shards as a stream of samples.
 
 WebDataset convention: consecutive tar members whose names share the part before the
 first dot of the file name form one sample (``a/b/000123.jpg`` and ``a/b/000123.json`` →
-key ``a/b/000123``, extensions ``jpg`` and ``json``). Nothing is unpickled.
+key ``a/b/000123``, extensions ``jpg`` and ``json``); a member whose extension the sample
+already has starts a new sample. Nothing is unpickled.
 
-A shard that cannot be read to its end (truncated, corrupt) keeps every sample read before
-the damage; the damage is reported as the shard's error.
+Names are read as UTF-8. A byte of a name that is not valid UTF-8 is written as the four
+characters ``\xNN`` (its value in hex, as Python's ``backslashreplace``), so keys and
+extensions are always valid UTF-8 and the same bytes always give the same key. A name that
+really contains such text reads the same; two such samples in one shard are duplicate keys.
+
+Every member tarfile yields is accounted for, so that ``reader.members ==
+sum(len(s.files) + len(s.bad_members) for s in samples) + reader.skipped_count``:
+
+* a regular file is in its sample's ``files``;
+* a symlink, hardlink, FIFO, device (or a type tarfile does not know) joins its sample by the
+  same key rule, is named in the sample's ``bad_members`` and makes the sample an error
+  (``not_a_file``); links are never followed;
+* a directory is no sample: it is counted in ``reader.skipped_count`` and the first
+  :data:`SKIPPED_LIMIT` are listed in ``reader.skipped_members``.
+
+A stream that is not a tar at all (empty, an HTML error page, bad compression: tarfile fails
+before the first member) raises :class:`UnreadableShardError`; a tar with no members is an empty
+shard. A shard that cannot be read to its end (truncated, corrupt) keeps every sample read
+before the damage; the damage is the reader's ``error``, and a member cut by it is a
+``bad_members`` entry of its sample (``bad_member``).
 """
 
 from __future__ import annotations
 
-import gzip
 import tarfile
-import zlib
 from dataclasses import dataclass, field
 from typing import IO, Iterator
+
+from . import reasons
+
+SKIPPED_LIMIT = 1000  # skipped members listed by name; all are counted
+HEAD_BYTES = 32
+
+_NOT_A_FILE = {tarfile.SYMTYPE: "symlink", tarfile.LNKTYPE: "hardlink", tarfile.FIFOTYPE: "fifo",
+               tarfile.CHRTYPE: "device", tarfile.BLKTYPE: "device"}
+
+
+class UnreadableShardError(Exception):
+    """The stream is not a tar archive at all: nothing of it can be read as a shard."""
+
+
+class _Damage(Exception):
+    """tarfile failed on the shard's data: while reading ``member``'s content, or a header (None)."""
+
+    def __init__(self, message: str, member: tarfile.TarInfo | None) -> None:
+        super().__init__(message)
+        self.member = member
 
 
 @dataclass
@@ -23,6 +60,13 @@ class Sample:
     index: int  # position of the sample in its shard, from 0
     files: dict[str, bytes] = field(default_factory=dict)  # extension -> content
     error: str | None = None  # set when the sample itself is unusable (e.g. a duplicate key)
+    error_code: str | None = None  # a key of reasons.CODES, set with error
+    bad_members: dict[str, str] = field(default_factory=dict)  # extension -> name of a member not read
+
+    def fail(self, code: str, message: str) -> None:
+        """Record an error; a sample keeps the first one it gets."""
+        if self.error is None:
+            self.error, self.error_code = message, reasons.check(code)
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -31,6 +75,61 @@ def split_name(name: str) -> tuple[str, str]:
     stem, dot, ext = base.partition(".")
     key = f"{folder}/{stem}" if folder else stem
     return key, (ext if dot else "")
+
+
+def utf8_name(name: str) -> str:
+    """A name tarfile decoded with ``surrogateescape`` as valid UTF-8: undecodable bytes become ``\\xNN``."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _not_a_file(member: tarfile.TarInfo, name: str) -> str:
+    kind = _NOT_A_FILE.get(member.type, f"tar entry of type {member.type!r}")
+    target = f" to {utf8_name(member.linkname)!r}" if member.issym() or member.islnk() else ""
+    return f"member {name!r} is a {kind}{target}, not a file"
+
+
+def _unreadable(stream: _Tracking, exc: BaseException) -> str:
+    if stream.position == 0:
+        return "empty file (0 bytes)"
+    more = "..." if stream.position > len(stream.head) else ""
+    return f"not a tar archive: starts with {stream.head!r}{more} ({exc or type(exc).__name__})"
+
+
+class _Samples:
+    """The WebDataset grouping: which sample each member joins, and which keys come twice."""
+
+    def __init__(self) -> None:
+        self.current: Sample | None = None
+        self.first_index: dict[str, int] = {}  # key -> index of its first sample
+
+    def add_file(self, name: str, data: bytes) -> Sample | None:
+        """Place member ``name`` and its content; return the sample this closes, if any."""
+        done, ext = self._place(name)
+        self.current.files[ext] = data
+        return done
+
+    def add_unread(self, name: str, code: str, message: str) -> Sample | None:
+        """Place member ``name``, not read for the reason given; return the sample this closes, if any."""
+        done, ext = self._place(name)
+        self.current.bad_members[ext] = name
+        self.current.fail(code, message)
+        return done
+
+    def _place(self, name: str) -> tuple[Sample | None, str]:
+        key, ext = split_name(name)
+        done = self.current
+        if done is not None and done.key == key and ext not in done.files and ext not in done.bad_members:
+            return None, ext
+        self.current = self._new(key, 0 if done is None else done.index + 1)
+        return done, ext
+
+    def _new(self, key: str, index: int) -> Sample:
+        sample = Sample(key=key, index=index)
+        if key in self.first_index:
+            sample.fail("duplicate_key", f"duplicate key {key!r} in shard (first seen as sample {self.first_index[key]})")
+        else:
+            self.first_index[key] = index
+        return sample
 
 
 class _Tracking:
@@ -42,9 +141,17 @@ class _Tracking:
         self.fileobj = fileobj
         self.position = 0
         self.recent = bytearray()
+        self.head = b""  # the first bytes, to say what a stream that is not a tar holds
+        self.failure: BaseException | None = None
 
     def read(self, size: int = -1) -> bytes:
-        data = self.fileobj.read(size)
+        try:
+            data = self.fileobj.read(size)
+        except BaseException as exc:
+            self.failure = exc  # the storage failed, not the data
+            raise
+        if len(self.head) < HEAD_BYTES:
+            self.head += data[: HEAD_BYTES - len(self.head)]
         self.position += len(data)
         self.recent += data
         del self.recent[: max(0, len(self.recent) - self.KEEP)]
@@ -64,53 +171,64 @@ class ShardReader:
     def __init__(self, fileobj: IO[bytes]) -> None:
         self.fileobj = fileobj
         self.error: str | None = None
-        self.members = 0
-        self.skipped_members: list[str] = []  # directories, links and other non-files
+        self.members = 0  # every member tarfile yielded
+        self.skipped_members: list[dict[str, str]] = []  # {"name", "reason"} of the first SKIPPED_LIMIT skipped
+        self.skipped_count = 0
 
     def __iter__(self) -> Iterator[Sample]:
-        seen: dict[str, int] = {}
-        current: Sample | None = None
-        reading: str | None = None  # name of the member being read, for the error report
-        index = 0
-        stream = _Tracking(self.fileobj)
+        samples = _Samples()
         try:
-            with tarfile.open(fileobj=stream, mode="r|*") as tar:
-                compressed = tar.fileobj.comptype != "tar"
+            for member, data in self._members():
+                name = utf8_name(member.name)
+                if member.isdir():
+                    self._skip(name, "directory")
+                    continue
+                if data is None:
+                    done = samples.add_unread(name, "not_a_file", _not_a_file(member, name))
+                else:
+                    done = samples.add_file(name, data)
+                if done is not None:
+                    yield done
+        except _Damage as damage:
+            self.error = str(damage)
+            if damage.member is not None:  # the member cut by the damage still joins its sample
+                name = utf8_name(damage.member.name)
+                if (done := samples.add_unread(name, "bad_member", f"member {name!r} is truncated or corrupt")) is not None:
+                    yield done
+        if samples.current is not None:
+            yield samples.current
+
+    def _members(self) -> Iterator[tuple[tarfile.TarInfo, bytes | None]]:
+        """tarfile's members, with the content of regular files; damaged data raises :class:`_Damage`."""
+        stream = _Tracking(self.fileobj)
+        reading = None
+        try:
+            with tarfile.open(fileobj=stream, mode="r|*", encoding="utf-8", errors="surrogateescape") as tar:
                 for member in tar:
                     self.members += 1
-                    if not member.isfile():
-                        self.skipped_members.append(member.name)
-                        continue
-                    reading = member.name
-                    key, ext = split_name(member.name)
-                    data = tar.extractfile(member).read()
+                    reading = member
+                    data = tar.extractfile(member).read() if member.isfile() else None
                     reading = None
-                    if current is not None and key == current.key and ext not in current.files:
-                        current.files[ext] = data
-                        continue
-                    if current is not None:
-                        yield current
-                    current = Sample(key=key, index=index, files={ext: data})
-                    if key in seen:
-                        current.error = f"duplicate key {key!r} in shard (first seen as sample {seen[key]})"
-                    else:
-                        seen[key] = index
-                    index += 1
-                if not compressed and stream.block_at(tar.offset) != bytes(512):
-                    # tarfile ends quietly when data stops at a member boundary: only the missing
-                    # end-of-archive block tells a truncated shard from a complete one
-                    self.error = f"tar stream ends without its end-of-archive block after {self.members} members (truncated?)"
-        # Damaged data ends the shard with what was read; other I/O errors propagate, so that
-        # a transient storage failure retries the shard instead of committing part of it.
-        except (tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error) as exc:
-            self.error = f"tar stream unreadable after {self.members} members: {exc or type(exc).__name__}"
-            if reading is not None:
-                key, _ = split_name(reading)
-                if current is not None and current.key == key:
-                    current.error = current.error or f"member {reading!r} is truncated or corrupt"
-                else:
-                    if current is not None:
-                        yield current
-                    current = Sample(key=key, index=index, error=f"member {reading!r} is truncated or corrupt")
-        if current is not None:
-            yield current
+                    yield member, data
+                self._check_end(tar, stream)
+        # tarfile raises more than TarError on bad data (ValueError, TypeError, zlib.error, EOFError...),
+        # so any failure is the data's, except a failed read of the stream or a lack of memory: those
+        # propagate, so that the shard is retried instead of committed in part.
+        except Exception as exc:
+            if stream.failure is not None or isinstance(exc, MemoryError):
+                raise
+            if self.members == 0:
+                raise UnreadableShardError(_unreadable(stream, exc)) from None
+            raise _Damage(f"tar stream unreadable after {self.members} members: {exc or type(exc).__name__}",
+                          reading) from exc
+
+    def _skip(self, name: str, reason: str) -> None:
+        self.skipped_count += 1
+        if len(self.skipped_members) < SKIPPED_LIMIT:
+            self.skipped_members.append({"name": name, "reason": reason})
+
+    def _check_end(self, tar: tarfile.TarFile, stream: _Tracking) -> None:
+        # tarfile ends quietly when data stops at a member boundary: only the missing
+        # end-of-archive block tells a truncated shard from a complete one
+        if tar.fileobj.comptype == "tar" and stream.block_at(tar.offset) != bytes(512):
+            self.error = f"tar stream ends without its end-of-archive block after {self.members} members (truncated?)"

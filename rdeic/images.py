@@ -12,7 +12,17 @@ from .errors import RdeicError
 
 
 class ImageReadError(RdeicError, ValueError):
-    """An input file is not a readable image."""
+    """An input file is not a readable image.
+
+    ``code`` says why, in words shared with the job's reason codes: ``unrecognised_image``,
+    ``corrupt_image``, ``too_large`` or ``unsupported_mode``. ``image_format`` is PIL's format name
+    when the header was read before the failure, else None.
+    """
+
+    def __init__(self, message: str, code: str = "corrupt_image", image_format: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.image_format = image_format
 
 
 def to_rgb(img: Image.Image) -> np.ndarray:
@@ -21,6 +31,13 @@ def to_rgb(img: Image.Image) -> np.ndarray:
     Alpha is composited over white; 16-bit and float modes are scaled to 8 bits.
     """
     img = ImageOps.exif_transpose(img)
+    try:
+        return _convert(img)
+    except ValueError as exc:  # PIL has no conversion for this mode
+        raise ImageReadError(f"cannot convert mode {img.mode} to RGB: {exc}", "unsupported_mode") from None
+
+
+def _convert(img: Image.Image) -> np.ndarray:
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.float64)
         peak = 65535.0 if arr.max() > 255 or img.mode.startswith("I;16") else 255.0
@@ -43,17 +60,24 @@ def open_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
     try:
         img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        raise ImageReadError("not a recognised image format") from None
+        raise ImageReadError("not a recognised image format", "unrecognised_image") from None
     except Image.DecompressionBombError as exc:
-        raise ImageReadError(f"refused as a decompression bomb: {exc}") from None
+        raise ImageReadError(f"refused as a decompression bomb: {exc}", "too_large") from None
     w, h = img.size
     if max_pixels is not None and w * h > max_pixels:
-        raise ImageReadError(f"image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}")
+        raise ImageReadError(f"image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}", "too_large", img.format)
     try:
         img.load()
+    except Image.DecompressionBombError as exc:  # GIF frames and a few other formats are checked here
+        raise ImageReadError(f"refused as a decompression bomb: {exc}", "too_large", img.format) from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageReadError(f"image data is corrupt or truncated: {exc}") from None
+        raise ImageReadError(f"image data is corrupt or truncated: {exc}", "corrupt_image", img.format) from None
     return img
+
+
+def format_name(extension: str) -> str:
+    """PIL's format name for a file extension (``jpg`` → ``JPEG``); unknown ones upper-cased."""
+    return Image.registered_extensions().get("." + extension.lower(), extension.upper())
 
 
 def read_image(path: str | os.PathLike, max_pixels: int | None = None) -> np.ndarray:
