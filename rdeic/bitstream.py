@@ -215,5 +215,8 @@ def _check_consistent(h: Header, payload: dict[int, bytes]) -> None:
         problems.append(f"index width {h.index_bits}")
     if set(payload) != {SECTION_HYPER, SECTION_Y}:
         problems.append(f"sections {sorted(payload)}")
+    elif len(payload[SECTION_HYPER]) != -(-h.z_shape[0] * h.z_shape[1] * h.index_bits // 8):
+        problems.append(f"hyper-latent section of {len(payload[SECTION_HYPER])} bytes for {h.z_shape[0]}x{h.z_shape[1]} "
+                        f"{h.index_bits}-bit indices")
     if problems:
         raise BitstreamError("bitstream header is inconsistent: " + "; ".join(problems))

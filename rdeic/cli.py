@@ -137,6 +137,21 @@ def cmd_model_info(args: argparse.Namespace) -> None:
     print(json.dumps(describe(args.model), indent=2))
 
 
+def cmd_model_id(args: argparse.Namespace) -> None:
+    from .modeldir import ID_FILE, compute_model_id, model_id_of, read_config, write_id_file
+
+    if not args.write:
+        print(model_id_of(args.model))
+        return
+    model_id = compute_model_id(args.model)  # from the tensors, whatever model_id.json says
+    old = Path(args.model) / ID_FILE
+    previous = json.loads(old.read_text()).get("model_id") if old.is_file() else None
+    if previous not in (None, str(model_id)):
+        log.warning("%s: the id changes from %s; bitstreams and archives of the old id need the old files", args.model, previous)
+    write_id_file(args.model, model_id, read_config(args.model))
+    print(model_id)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rdeic", description="RDEIC extreme image codec: one image at a time.")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress and warnings")
@@ -191,6 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
     mi = sub.add_parser("model-info", help="show a model directory's id and config")
     mi.add_argument("model")
     mi.set_defaults(func=cmd_model_info)
+
+    mid = sub.add_parser("model-id", help="print a model directory's id (model_id.json, else computed from the tensors)")
+    mid.add_argument("model")
+    mid.add_argument("--write", action="store_true", help="compute it from config.json and the tensors; store it in model_id.json")
+    mid.set_defaults(func=cmd_model_id)
     return p
 
 

@@ -25,8 +25,9 @@ import torch.nn.functional as F
 
 from . import bitstream as bs
 from .compression import LatentCode
-from .errors import BitstreamError, EntropyDesyncError, ModelMismatchError
+from .errors import BitstreamError, EntropyDesyncError, ImageTooLargeError, ModelMismatchError
 from .model import RDEIC
+from .modeldir import legacy_digest
 from .weights import ModelId, load_model
 
 
@@ -38,6 +39,14 @@ def check_image(image: np.ndarray, what: str = "image") -> np.ndarray:
     if image.shape[0] < 1 or image.shape[1] < 1:
         raise ValueError(f"{what} is empty: shape {image.shape}")
     return image
+
+
+def check_size(header: bs.Header, max_pixels: int | None) -> None:
+    """Refuse a bitstream whose padded image is over ``max_pixels`` (None: no limit)."""
+    pixels = header.pad_width * header.pad_height
+    if max_pixels is not None and pixels > max_pixels:
+        raise ImageTooLargeError(f"the bitstream claims a {header.width}x{header.height} image ({pixels} padded pixels), "
+                                 f"over the decode limit of {max_pixels}")
 
 
 def _batches(items: Sequence[int], size: int) -> Iterable[list[int]]:
@@ -53,7 +62,9 @@ class Codec:
         device: str | torch.device | None = None,
         max_batch: int = 8,
         deterministic: bool = True,
+        model_dir: str | os.PathLike | None = None,
     ) -> None:
+        """``model_dir``: where the model was loaded from, to accept bitstreams with its legacy digest."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.device = torch.device(device) if device is not None else model.device
@@ -61,6 +72,8 @@ class Codec:
         self.model_id = model_id
         self.max_batch = max_batch
         self.deterministic = deterministic
+        self.model_dir = model_dir
+        self._legacy_digest: bytes | None = None
 
     @classmethod
     def load(
@@ -72,7 +85,7 @@ class Codec:
         deterministic: bool = True,
     ) -> "Codec":
         model, model_id = load_model(model_dir, device=device, dtype=dtype)
-        return cls(model, model_id, device=device, max_batch=max_batch, deterministic=deterministic)
+        return cls(model, model_id, device=device, max_batch=max_batch, deterministic=deterministic, model_dir=model_dir)
 
     @contextmanager
     def _numerics(self):
@@ -152,11 +165,17 @@ class Codec:
         """Parse and check a bitstream against this codec's model (no decoding)."""
         stream = bs.read(data)
         h = stream.header
-        if h.model_hash != self.model_id.digest or h.model_name != self.model_id.name:
+        if h.model_name != self.model_id.name or (h.model_hash != self.model_id.digest and h.model_hash != self.legacy_digest()):
             raise ModelMismatchError(f"bitstream was written by model {h.model_id}, this decoder has {self.model_id}")
         if h.index_bits != self.config.compression.index_bits:
             raise ModelMismatchError(f"bitstream uses {h.index_bits}-bit indices, the model {self.config.compression.index_bits}")
         return stream
+
+    def legacy_digest(self) -> bytes | None:
+        """The digest of this model's files as ids were before rdeic-model-id/2, which older bitstreams carry."""
+        if self._legacy_digest is None and self.model_dir is not None:
+            self._legacy_digest = legacy_digest(self.model_dir)
+        return self._legacy_digest
 
     def check_decode_args(self, steps: int | None, detail: float) -> int:
         steps = self.config.diffusion.default_steps if steps is None else steps
@@ -177,14 +196,20 @@ class Codec:
         return results  # type: ignore[return-value]
 
     @torch.no_grad()
-    def decompress_results(self, bitstreams: Sequence[bytes], steps: int | None = None, detail: float = 1.0) -> list[np.ndarray | BitstreamError]:
-        """Like :meth:`decompress`, but a bad bitstream yields its error in place of an image."""
+    def decompress_results(self, bitstreams: Sequence[bytes], steps: int | None = None, detail: float = 1.0,
+                           max_pixels: int | None = None) -> list[np.ndarray | BitstreamError]:
+        """Like :meth:`decompress`, but a bad bitstream yields its error in place of an image.
+
+        ``max_pixels`` bounds the padded size a bitstream may claim; over it, the stream is refused
+        (ImageTooLargeError) before anything is allocated for it.
+        """
         steps = self.check_decode_args(steps, detail)
         results: list[np.ndarray | BitstreamError] = [None] * len(bitstreams)  # type: ignore[list-item]
         groups: dict[tuple[int, int], list[tuple[int, bs.Bitstream]]] = defaultdict(list)
         for i, data in enumerate(bitstreams):
             try:
                 stream = self.parse(data)
+                check_size(stream.header, max_pixels)
             except BitstreamError as exc:
                 results[i] = exc
                 continue

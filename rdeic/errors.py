@@ -39,3 +39,7 @@ class ModelMismatchError(BitstreamError):
 
 class EntropyDesyncError(BitstreamError):
     """The decoded symbols do not match the encoder's: decoding would give a wrong image."""
+
+
+class ImageTooLargeError(BitstreamError):
+    """The bitstream claims an image over the decoder's pixel limit: refused before any allocation."""

@@ -39,10 +39,10 @@ def test_fourteen_bits_per_index():
 
 
 def test_write_read_roundtrip():
-    data = bs.write(_header(), b"\x00\x01\x02", b"payload")
+    data = bs.write(_header(), b"\x00\x01\x02\x03\x04", b"payload")
     stream = bs.read(data)
     assert stream.header == _header()
-    assert (stream.hyper, stream.y) == (b"\x00\x01\x02", b"payload")
+    assert (stream.hyper, stream.y) == (b"\x00\x01\x02\x03\x04", b"payload")
 
 
 def test_bad_magic():
@@ -53,7 +53,7 @@ def test_bad_magic():
 
 
 def test_unsupported_version():
-    data = bytearray(bs.write(_header(), b"\x00" * 3, b"y"))
+    data = bytearray(bs.write(_header(), b"\x00" * 5, b"y"))
     data[4] = 9
     with pytest.raises(UnsupportedVersionError, match="version 9"):
         bs.read(bytes(data))
@@ -61,13 +61,13 @@ def test_unsupported_version():
 
 @pytest.mark.parametrize("keep", [2, 5, 12, 30, -5, -1])
 def test_truncation(keep):
-    data = bs.write(_header(), b"\x00" * 3, b"some y stream bytes")
+    data = bs.write(_header(), b"\x00" * 5, b"some y stream bytes")
     with pytest.raises(TruncatedError):
         bs.read(data[:keep])
 
 
 def test_crc_mismatch_on_any_flipped_byte():
-    data = bs.write(_header(), b"\x00" * 3, b"some y stream bytes")
+    data = bs.write(_header(), b"\x00" * 5, b"some y stream bytes")
     name_end = 4 + 2 + 1  # magic, version, name length, 1-byte name
     for pos in range(name_end, len(data)):
         corrupt = bytearray(data)
@@ -82,12 +82,12 @@ def test_crc_mismatch_on_any_flipped_byte():
 
 def test_trailing_bytes_refused():
     with pytest.raises(BitstreamError, match="unexpected bytes"):
-        bs.read(bs.write(_header(), b"\x00" * 3, b"y") + b"\x00")
+        bs.read(bs.write(_header(), b"\x00" * 5, b"y") + b"\x00")
 
 
 def test_inconsistent_header_refused():
     with pytest.raises(BitstreamError, match="inconsistent"):
-        bs.read(bs.write(_header(pad_width=192), b"\x00" * 3, b"y"))
+        bs.read(bs.write(_header(pad_width=192), b"\x00" * 5, b"y"))
 
 
 def test_model_mismatch(tiny_codec, rng):
@@ -117,3 +117,9 @@ def _header_from(h: bs.Header, **over) -> bs.Header:
     fields = {k: getattr(h, k) for k in bs.Header.__dataclass_fields__}
     fields.update(over)
     return bs.Header(**fields)
+
+
+def test_hyper_section_length_is_checked_by_the_parser():
+    # 2x2 indices of 10 bits need 5 bytes: info and decode must refuse the same streams
+    with pytest.raises(BitstreamError, match="hyper-latent section of 3 bytes"):
+        bs.read(bs.write(_header(), b"\x00" * 3, b"y"))
