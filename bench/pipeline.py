@@ -97,7 +97,7 @@ def main() -> None:
         rc = job(["compress", "--input", "s3://bench/in/*.tar", "--output", out, "--model", model,
                   "--actors", str(actors), "--batch-size", str(args.batch_size), "-q"])
         assert rc == 0
-        summary = json.loads(s3.get_object(Bucket="bench", Key=f"archive-{actors}/_summary.json")["Body"].read())
+        summary = json.loads(s3.get_object(Bucket="bench", Key=f"archive-{actors}/_summary.json")["Body"].read())["run"]
         assert summary["samples_ok"] == n
         markers = [json.loads(s3.get_object(Bucket="bench", Key=o["Key"])["Body"].read())
                    for o in s3.list_objects_v2(Bucket="bench", Prefix=f"archive-{actors}/")["Contents"] if o["Key"].endswith(".stats.json")]

@@ -20,21 +20,36 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+EXIT_OK, EXIT_FAILED, EXIT_REFUSED, EXIT_BUSY, EXIT_INTERRUPTED = 0, 1, 2, 75, 130
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 all units committed; 1 some units failed or no worker could start (rerun to retry);
+    2 refused (arguments, an output that is not ours or has other settings); 75 the output is in use
+    by another run (EX_TEMPFAIL: try later); 130 interrupted (rerun to resume)."""
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
     args = build_parser().parse_args(argv)
     common.setup_logging(args.quiet)
     from pipelines.distributor import WorkerStartError
-    from pipelines.manifest import JobConfigMismatch
+    from pipelines.lease import LeaseBusy, LeaseLost
+    from pipelines.manifest import OutputRefused
 
     try:
         return JOBS[args.job].run(args)
-    except WorkerStartError as exc:
-        print(f"rdeic-job: error: {exc}", file=sys.stderr)
-        return 1
-    except (JobConfigMismatch, ValueError, OSError) as exc:
-        print(f"rdeic-job: error: {exc}", file=sys.stderr)
-        return 2
+    except (WorkerStartError, LeaseLost) as exc:
+        return _error(exc, EXIT_FAILED)
+    except LeaseBusy as exc:
+        return _error(exc, EXIT_BUSY)
+    except (OutputRefused, ValueError, OSError) as exc:
+        return _error(exc, EXIT_REFUSED)
+    except KeyboardInterrupt:
+        print("rdeic-job: interrupted; what was committed stays committed: rerun the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _error(exc: BaseException, status: int) -> int:
+    print(f"rdeic-job: error: {exc}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

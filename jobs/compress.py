@@ -1,13 +1,18 @@
-"""``rdeic-job compress``: WebDataset shards → Parquet archive of RDEIC bitstreams, exactly once."""
+"""``rdeic-job compress``: WebDataset shards → Parquet archive of RDEIC bitstreams, exactly once.
+
+Re-running with more shards adds them to the archive (committed shards are skipped); what must
+match between runs is checked per part: the model id, the codec version and ``--max-pixels``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 
 from pipelines import storage
+from pipelines.archive import ARCHIVE, ShardStats
 from pipelines.compress import CODEC_VERSION, CompressSpec, ShardTask
-from pipelines.manifest import JobOutput, Layout
 
 from . import common
 
@@ -23,27 +28,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     common.add_storage_args(p)
 
 
+def unit_ids(urls: list[str], committed: dict[str, ShardStats]) -> dict[str, str]:
+    """Each shard's unit id: the committed unit that came from it, else a new id from its path.
+
+    Shards are matched to committed parts by their canonical URL, so an archive grows whatever
+    the spelling of --input; a new id that an earlier shard already uses gets a hash suffix.
+    """
+    by_source = {storage.canonical_url(s.source): unit for unit, s in committed.items()}
+    new = [u for u in urls if u not in by_source]
+    ids = dict(by_source)
+    for url, unit in (storage.shard_ids(new) if new else {}).items():
+        ids[url] = f"{unit}-{hashlib.sha256(url.encode()).hexdigest()[:8]}" if unit in committed else unit
+    return {url: ids[url] for url in urls}
+
+
 def run(args: argparse.Namespace) -> int:
     opts = common.storage_from(args)
     model = common.resolve_model(args.model)
-    urls = storage.expand_inputs(args.input, opts)
+    args.output = storage.canonical_url(args.output)  # workers run elsewhere, in another folder
+    urls = [storage.canonical_url(u) for u in storage.expand_inputs(args.input, opts)]
     if not urls:
         print(f"rdeic-job: error: no input shards match {args.input}", file=sys.stderr)
         return 2
-    ids = storage.shard_ids(urls)
-    config = {
-        "inputs": args.input,
-        "shards": len(urls),
-        "shards_sha256": common.file_sha256("\n".join(urls)),
-        "model_id": common.model_id(model, opts),
-        "max_pixels": args.max_pixels,
-        "codec_version": CODEC_VERSION,
-    }
-    fs, root = storage.filesystem(args.output, opts)
-    output = JobOutput(fs, root, "compress", config, Layout("part-", ".parquet"))
-    committed = output.prepare(args.overwrite)
-    spec = CompressSpec(output=args.output, model=model, storage=opts, batch_size=args.batch_size,
-                        max_pixels=args.max_pixels, read_threads=args.read_threads, crash=common.crash_spec(args.inject_crash))
-    summary = common.run_units("compress", spec, [ShardTask(url, ids[url]) for url in urls], committed, args)
-    summary["model_id"] = config["model_id"]
-    return common.finish(summary, output)
+    settings = {"model_id": common.model_id(model, opts), "codec_version": CODEC_VERSION, "max_pixels": args.max_pixels}
+    output = common.open_output(args.output, "compress", settings, ARCHIVE, args)
+    try:
+        ids = unit_ids(urls, output.committed)
+        units = [ShardTask(url, ids[url]) for url in urls]
+        common.prepare_units(output, units, args)
+        spec = CompressSpec(output=args.output, model=model, storage=opts, batch_size=args.batch_size,
+                            max_pixels=args.max_pixels, read_threads=args.read_threads,
+                            crash=common.crash_spec(args.inject_crash), run_id=output.run_id, settings=settings,
+                            device=args.device)
+        return common.run_units("compress", output, spec, units, args)
+    finally:
+        output.close()

@@ -1,146 +1,241 @@
-"""Job manifests and resuming: which shards are committed, and whether a rerun may continue.
+"""An output folder of a job: whose it is, what is committed, and whether a new run may add to it.
 
-The commit markers are the truth; the manifest records the job's config (so that a rerun
-with another config or model refuses to mix outputs) and, after each run, the committed parts.
+The driver of every job opens its output with :class:`JobOutput` before any worker starts:
+
+1. **Ownership.** The folder must be new, empty, or an output of this system (its
+   ``_manifest.json`` says so). Anything else is refused with one line naming what is there.
+2. **One writer.** The run takes the output's lease (pipelines/lease.py) and keeps it renewed.
+3. **Cleanup by proof.** In-progress records of attempts that died are cleaned
+   (pipelines/ownership.py); files no record names are listed as *untracked* and never touched.
+4. **Resume in O(listings).** The committed units are one listing of ``_commits/``; their stats
+   come from ``_index.jsonl.gz`` (written when a run finishes) plus the few markers committed
+   since, read in parallel.
+5. **Per-part settings.** What must match between runs (model id, codec version, settings that
+   change the bytes) is checked per committed unit, never by how the inputs were spelled; a
+   difference names the unit, the field and both values. ``--overwrite`` rewrites only the
+   differing units of this run's inputs, one logged line each.
 """
 
 from __future__ import annotations
 
-import hashlib
+import gzip
 import json
 import logging
+import posixpath
 import time
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
 
 from . import storage
-from .archive import COMMITS, ShardStats
+from .archive import COMMITS, Layout, MarkerError, ShardStats, read_marker
+from .lease import DEFAULT_TTL, LEASE, Lease
+from .ownership import INPROGRESS, RUN_UNIT, Attempt, clean, list_records, record_path
 
 log = logging.getLogger(__name__)
 
+FORMAT = "rdeic-archive-output"
+FORMAT_VERSION = 2
 MANIFEST = "_manifest.json"
 SUMMARY = "_summary.json"
+INDEX = "_index.jsonl.gz"
+CONTROL_FILES = [MANIFEST, SUMMARY, INDEX]
+RESERVED = {MANIFEST, SUMMARY, INDEX, LEASE, COMMITS, INPROGRESS}
+RUNS_KEPT = 100  # run records kept in the manifest
 
 
-class JobConfigMismatch(RuntimeError):
-    """The output holds a job with another config or model; resuming would mix them."""
+class OutputRefused(RuntimeError):
+    """This run may not use the output: not ours, another job's, or its bookkeeping is damaged."""
 
 
-@dataclass(frozen=True)
-class Layout:
-    """Names of one unit's output and marker inside the output root."""
-
-    data_prefix: str  # "part-": every name a job owns starts with it (or with "_")
-    data_suffix: str  # ".parquet", ".tar", or "" for a folder per unit
-
-    def __post_init__(self) -> None:
-        if not self.data_prefix:
-            raise ValueError("a layout needs a prefix, so that a job never touches files it does not own")
-
-    def data(self, unit_id: str) -> str:
-        return f"{self.data_prefix}{unit_id}{self.data_suffix}"
-
-    def marker(self, unit_id: str) -> str:
-        return f"{COMMITS}/{self.data_prefix}{unit_id}.stats.json"
-
-    def unit_of_marker(self, name: str) -> str | None:
-        """The unit id of a file name inside the commits folder, if it is a marker."""
-        suffix = ".stats.json"
-        if name.startswith(self.data_prefix) and name.endswith(suffix):
-            return name[len(self.data_prefix): -len(suffix)]
-        return None
+class JobConfigMismatch(OutputRefused):
+    """Committed units were written with other settings; adding to them would mix outputs."""
 
 
-def fingerprint(config: dict) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+def _few(names: list[str], n: int = 5) -> str:
+    shown = ", ".join(names[:n])
+    return shown + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 class JobOutput:
-    def __init__(self, fs, root: str, kind: str, config: dict, layout: Layout) -> None:
-        self.fs, self.root, self.kind, self.config, self.layout = fs, root.rstrip("/"), kind, config, layout
-        self.fingerprint = fingerprint({"kind": kind, **config})
+    def __init__(self, fs, root: str, kind: str, settings: dict, layout: Layout, run_id: str,
+                 lease_ttl: float = DEFAULT_TTL) -> None:
+        self.fs, self.root, self.kind, self.settings, self.layout = fs, root.rstrip("/"), kind, settings, layout
+        self.run_id = run_id
+        self.lease = Lease(fs, self.root, run_id, lease_ttl)
+        self.control = Attempt(fs, self.root, RUN_UNIT, run_id)
+        self.committed: dict[str, ShardStats] = {}
+        self.untracked: list[str] = []
+        self.rewritten: list[str] = []
+        self.manifest: dict = {}
 
     def path(self, name: str) -> str:
         return storage.join(self.root, name)
 
-    def _read_json(self, name: str) -> dict | None:
-        path = self.path(name)
-        if not self.fs.exists(path):
-            return None
-        with self.fs.open(path, "rb") as f:
-            return json.loads(f.read().decode())
-
-    def _names(self, folder: str = "") -> list[str]:
-        path = storage.join(self.root, folder) if folder else self.root
-        if not self.fs.exists(path):
-            return []
-        return [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(path, detail=False)]
-
-    def prepare(self, overwrite: bool) -> dict[str, ShardStats]:
-        """Check the manifest, clear leftovers, and return the committed units' stats."""
+    # ---------------------------------------------------------------- open
+    def open(self, break_lease: bool = False) -> dict[str, ShardStats]:
+        """Check ownership, take the lease, clean after dead attempts; the committed units' stats."""
+        entries = storage.list_names(self.fs, self.root)
+        self.manifest = self._read_manifest() or {}
+        if not self.manifest and set(entries) - RESERVED:
+            names = sorted(n + ("/" if d else "") for n, d in entries.items())
+            raise OutputRefused(f"{self.root} is not empty and is not an rdeic-archive output (it holds "
+                                f"{_few(names)}); choose a new or empty folder")
         self.fs.makedirs(self.root, exist_ok=True)
-        existing = self._read_json(MANIFEST)
-        if existing is not None and existing.get("fingerprint") != self.fingerprint:
-            if not overwrite:
-                raise JobConfigMismatch(
-                    f"{self.root} holds a {existing.get('kind')} job with another config or model "
-                    f"(model {existing.get('config', {}).get('model_id')}); pass --overwrite to replace it, "
-                    "or write to another output"
-                )
-            self._remove_everything()
-        elif existing is None and any(self.layout.unit_of_marker(n) for n in self._names(COMMITS)):
-            if not overwrite:
-                raise JobConfigMismatch(f"{self.root} holds committed outputs but no {MANIFEST}; pass --overwrite to replace them")
-            self._remove_everything()
-        committed = self._committed()
-        self._remove_leftovers(set(committed))
-        self._write_manifest(sorted(committed))
-        return committed
+        self.lease.acquire(break_lease)
+        self.lease.start_heartbeat()
+        try:
+            units = set(self.layout.committed_units(self.fs, self.root))
+            self._clean_records(units)
+            self.control.begin_control(CONTROL_FILES)
+            self.committed = self._load_stats(units)
+            self.untracked = self._untracked(storage.list_names(self.fs, self.root), units)
+            if not self.manifest:
+                self._write_manifest()
+        except BaseException:
+            self.close()
+            raise
+        if self.untracked:
+            log.warning("%s holds %d files this job did not write (left untouched): %s", self.root,
+                        len(self.untracked), _few(self.untracked))
+        return self.committed
 
-    def _committed(self) -> dict[str, ShardStats]:
-        out = {}
-        for name in self._names(COMMITS):
-            unit = self.layout.unit_of_marker(name)
-            if unit is not None:
-                with self.fs.open(self.path(f"{COMMITS}/{name}"), "rb") as f:
-                    stats = ShardStats.from_json(f.read().decode())
-                stats.skipped = True
-                out[unit] = stats
-        return out
+    def _read_manifest(self) -> dict | None:
+        data = storage.read_bytes(self.fs, self.path(MANIFEST))
+        if data is None:
+            return None
+        try:
+            manifest = json.loads(data)
+        except ValueError as exc:
+            raise OutputRefused(f"{self.path(MANIFEST)} is not valid JSON ({exc}); move it away or use another output") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            if isinstance(manifest, dict) and "fingerprint" in manifest:
+                raise OutputRefused(f"{self.root} was written by rdeic-archive 0.1, whose outputs this version does not "
+                                    "extend or resume; write to a new folder (rdeic-job decode still reads 0.1 archives)")
+            raise OutputRefused(f"{self.path(MANIFEST)} is not an rdeic-archive manifest; use another output")
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise OutputRefused(f"{self.root} has output format version {manifest.get('format_version')}; "
+                                f"this version reads {FORMAT_VERSION}")
+        if manifest.get("kind") != self.kind:
+            raise OutputRefused(f"{self.root} is the output of a {manifest.get('kind')} job, not of {self.kind}; "
+                                "use another output")
+        return manifest
 
-    def _is_tmp(self, name: str) -> bool:
-        return name.startswith(".") and ".tmp-" in name  # storage.open_atomic's names
+    def _clean_records(self, committed: set[str]) -> None:
+        """Every record here is a dead writer's: we hold the lease, and our own attempts have not started."""
+        for name in list_records(self.fs, self.root):
+            unit = name.rpartition("~")[0]
+            clean(self.fs, self.root, name, committed=unit in committed or unit == RUN_UNIT)
+        for name, is_dir in storage.list_names(self.fs, storage.join(self.root, INPROGRESS)).items():
+            token = name.rpartition(".tmp-")[2]
+            if not is_dir and name.startswith(".") and name.endswith(f"~{token}.json.tmp-{token}"):
+                self.fs.rm(record_path(self.root, name))  # a record cut while being written: its own token names it
 
-    def _remove_leftovers(self, committed: set[str]) -> None:
-        data = {self.layout.data(u) for u in committed}
-        for name in self._names():
-            is_unit_data = name.startswith(self.layout.data_prefix) and name not in data and (
-                name.endswith(self.layout.data_suffix) if self.layout.data_suffix else self.fs.isdir(self.path(name))
-            )
-            if is_unit_data or self._is_tmp(name):
-                log.info("removing uncommitted leftover %s", name)
-                self.fs.rm(self.path(name), recursive=True)
-        for name in self._names(COMMITS):
-            if self._is_tmp(name):
-                self.fs.rm(self.path(f"{COMMITS}/{name}"))
+    def _load_stats(self, units: set[str]) -> dict[str, ShardStats]:
+        stats = {u: s for u, s in self._read_index().items() if u in units}
+        missing = sorted(units - set(stats))
+        if missing:
+            log.info("reading %d commit markers not yet in %s", len(missing), INDEX)
+            with ThreadPoolExecutor(max_workers=16) as pool:
+                for unit, marker in zip(missing, pool.map(self._read_marker, missing)):
+                    stats[unit] = marker
+            self._write_index(stats)
+        for s in stats.values():
+            s.skipped = True
+        return stats
 
-    def _remove_everything(self) -> None:
-        for name in self._names():
-            if name in (MANIFEST, SUMMARY, COMMITS) or name.startswith(self.layout.data_prefix) or self._is_tmp(name):
-                self.fs.rm(self.path(name), recursive=True)
+    def _read_marker(self, unit: str) -> ShardStats:
+        try:
+            marker = read_marker(self.fs, self.root, self.layout, unit)
+        except MarkerError as exc:
+            raise OutputRefused(f"{exc}; move it away to redo that unit") from None
+        if marker is None:
+            raise OutputRefused(f"{self.path(self.layout.marker(unit))} vanished while this run started; is another job "
+                                "writing here without the lease?")
+        return marker
 
-    def _write_manifest(self, committed: list[str], extra: dict | None = None) -> None:
-        body = {
-            "kind": self.kind,
-            "fingerprint": self.fingerprint,
-            "config": self.config,
-            "committed": [self.layout.data(u) for u in committed],
-            "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        if extra:
-            body.update(extra)
-        storage.write_bytes_atomic(self.fs, self.path(MANIFEST), json.dumps(body, indent=1).encode())
+    def _read_index(self) -> dict[str, ShardStats]:
+        data = storage.read_bytes(self.fs, self.path(INDEX))
+        if data is None:
+            return {}
+        try:
+            lines = gzip.decompress(data).decode().splitlines()
+            stats = [ShardStats.from_json(line, f"{INDEX} line {n}") for n, line in enumerate(lines, 1)]
+            return {s.shard_id: s for s in stats}
+        except (OSError, EOFError, UnicodeDecodeError, MarkerError) as exc:
+            log.warning("%s is damaged (%s); rebuilding it from the commit markers", self.path(INDEX), exc)
+            return {}
 
-    def finish(self, summary: dict) -> None:
-        committed = sorted(self._committed())
-        self._write_manifest(committed)
-        storage.write_bytes_atomic(self.fs, self.path(SUMMARY), json.dumps(summary, indent=1).encode())
+    def _write_index(self, stats: dict[str, ShardStats]) -> None:
+        lines = "".join(json.dumps(stats[u].to_dict(detail=False), sort_keys=True) + "\n" for u in sorted(stats))
+        storage.write_bytes_atomic(self.fs, self.path(INDEX), gzip.compress(lines.encode(), mtime=0), token=self.control.token)
+
+    def _untracked(self, entries: dict[str, bool], units: set[str]) -> list[str]:
+        ours = RESERVED | {self.layout.data(u) for u in units}
+        return sorted(n + ("/" if d else "") for n, d in entries.items() if n not in ours)
+
+    # ------------------------------------------------------------ settings
+    def check_settings(self, this_run: set[str], overwrite: bool) -> list[str]:
+        """Committed units whose settings differ from this run's: refused, or (overwrite) to rewrite."""
+        rewrite, refuse = [], []
+        for unit in sorted(self.committed):
+            diff = self._diff(self.committed[unit].settings)
+            if diff:
+                (rewrite if overwrite and unit in this_run else refuse).append((unit, diff))
+        if refuse:
+            unit, (name, theirs, ours) = refuse[0][0], refuse[0][1][0]
+            hint = ("pass --overwrite to rewrite the parts of this run's inputs" if unit in this_run else
+                    "it is not among this run's inputs, so even --overwrite would leave it")
+            more = f" ({len(refuse) - 1} more units differ)" if len(refuse) > 1 else ""
+            raise JobConfigMismatch(f"{self.layout.data(unit)} in {self.root} was written with {name}={theirs}, this run "
+                                    f"has {name}={ours}{more}; {hint}, or write to another output")
+        for unit, diff in rewrite:
+            log.warning("rewriting %s: %s", self.layout.data(unit), "; ".join(f"{n} {a} -> {b}" for n, a, b in diff))
+        return [unit for unit, _ in rewrite]
+
+    def _diff(self, theirs: dict) -> list[tuple[str, object, object]]:
+        return [(k, theirs.get(k), v) for k, v in sorted(self.settings.items()) if theirs.get(k) != v]
+
+    def uncommit(self, units: list[str]) -> None:
+        """Remove committed units this run will redo: marker first, then their files, by a record."""
+        for unit in units:
+            self.committed.pop(unit)
+            stats = self._read_marker(unit)  # the index holds no file lists
+            attempt = Attempt(self.fs, self.root, unit, self.run_id)
+            attempt.record.paths = stats.files or [self.layout.data(unit)]
+            attempt.record.dirs = sorted({posixpath.dirname(f) for f in attempt.record.paths} - {""})
+            attempt._save()  # the record proves the files ours while they are removed
+            self.fs.rm(self.path(self.layout.marker(unit)))
+            clean(self.fs, self.root, attempt.record.name, committed=False)
+            self.rewritten.append(unit)
+
+    # -------------------------------------------------------------- finish
+    def finish(self, run_stats: list[ShardStats], run_summary: dict, totals) -> dict:
+        """Index, manifest and summary from one listing of the markers; releases the lease."""
+        units = set(self.layout.committed_units(self.fs, self.root))
+        stats = {**self.committed, **{s.shard_id: s for s in run_stats if not s.skipped}}
+        for unit in sorted(units - set(stats)):
+            stats[unit] = self._read_marker(unit)
+        stats = {u: s for u, s in stats.items() if u in units}
+        self._write_index(stats)
+        summary = {"run": run_summary, "archive": totals(list(stats.values()))}
+        runs = self.manifest.get("runs", []) + [{"run_id": self.run_id, **{k: run_summary.get(k) for k in (
+            "started_at", "finished_at", "units_done", "units_failed_count", "samples_ok", "samples_error")}}]
+        self.manifest.update(runs=runs[-RUNS_KEPT:])
+        self._write_manifest(units_committed=len(units))
+        storage.write_bytes_atomic(self.fs, self.path(SUMMARY), json.dumps(summary, indent=1).encode(), token=self.control.token)
+        self.close()
+        return summary
+
+    def _write_manifest(self, **extra) -> None:
+        self.manifest.update(format=FORMAT, format_version=FORMAT_VERSION, kind=self.kind, settings=self.settings,
+                             index=INDEX, updated_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **extra)
+        self.manifest.setdefault("units_committed", 0)
+        storage.write_bytes_atomic(self.fs, self.path(MANIFEST), json.dumps(self.manifest, indent=1).encode(),
+                                   token=self.control.token)
+
+    def close(self) -> None:
+        """Drop the driver's record and release the lease (idempotent)."""
+        try:
+            if storage.read_bytes(self.fs, record_path(self.root, self.control.record.name)) is not None:
+                self.control.finish()
+        finally:
+            self.lease.release()

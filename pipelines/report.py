@@ -1,4 +1,9 @@
-"""Run summaries: a JSON document for the output folder and a table for the terminal."""
+"""Run summaries: this run's numbers, the whole output's numbers, and a table for the terminal.
+
+``_summary.json`` holds both: ``run`` (what this run did, so a no-op re-run shows zeros there)
+and ``archive`` (totals over every committed unit, from the index, so they only ever grow).
+Error reasons are grouped by their stable code (pipelines/reasons.py).
+"""
 
 from __future__ import annotations
 
@@ -7,34 +12,60 @@ import time
 from .archive import ShardStats
 
 
-def summarize(kind: str, stats: list[ShardStats], failed: list[dict], seconds: float, actors: list[dict],
-              total_shards: int, startup_seconds: float = 0.0) -> dict:
-    done = [s for s in stats if not s.skipped]
-    previously = [s for s in stats if s.skipped]
-    ok = sum(s.ok for s in done)
-    pixels = sum(s.pixels for s in done)
-    bits = sum(s.bitstream_bytes for s in done) * 8
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _sum_reasons(stats: list[ShardStats]) -> dict[str, int]:
     reasons: dict[str, int] = {}
+    for s in stats:
+        for code, n in s.error_reasons.items():
+            reasons[code] = reasons.get(code, 0) + n
+    return dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def totals(stats: list[ShardStats]) -> dict:
+    """Numbers over a set of committed units."""
+    pixels = sum(s.pixels for s in stats)
+    bits = sum(s.bitstream_bytes for s in stats) * 8
+    return {
+        "units_committed": len(stats),
+        "samples_ok": sum(s.ok for s in stats),
+        "samples_error": sum(s.errors for s in stats),
+        "error_reasons": _sum_reasons(stats),
+        "units_with_shard_errors": sum(1 for s in stats if s.shard_error),
+        "bytes_in": sum(s.bytes_in for s in stats),
+        "bytes_out": sum(s.bytes_out for s in stats),
+        "mean_bpp": bits / pixels if pixels else None,
+    }
+
+
+def summarize(kind: str, run_id: str, started_at: str, units_total: int, done: list[ShardStats], failed: list[dict],
+              seconds: float, startup_seconds: float, actors: list[dict], skipped: int = 0,
+              untracked: list[str] = (), rewritten: list[str] = ()) -> dict:
+    """What this run did (``done``: units it committed; ``failed``: units that ran out of attempts)."""
+    ok = sum(s.ok for s in done)
+    examples: dict[str, str] = {}
     for s in done:
-        for reason, n in s.error_reasons.items():
-            reasons[reason] = reasons.get(reason, 0) + n
+        for code, text in s.error_examples.items():
+            examples.setdefault(code, text)
     return {
         "kind": kind,
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "shards_total": total_shards,
-        "shards_done_this_run": len(done),
-        "shards_already_committed": len(previously),
-        "shards_failed": failed,
+        "run_id": run_id,
+        "started_at": started_at,
+        "finished_at": _now(),
+        "units_total": units_total,
+        "units_done": len(done),
+        "units_already_committed": skipped,
+        "units_rewritten": list(rewritten),
+        "units_failed_count": len(failed),
+        "units_failed": failed,
+        **{k: v for k, v in totals(done).items() if k != "units_committed"},
+        "error_examples": examples,
         "shard_errors": {s.shard_id: s.shard_error for s in done if s.shard_error},
-        "samples_ok": ok,
-        "samples_error": sum(s.errors for s in done),
-        "samples_ok_all_runs": sum(s.ok for s in stats),
-        "samples_error_all_runs": sum(s.errors for s in stats),
-        "error_reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])[:20]),
-        "failed_keys": [k for s in done for k in s.failed_keys][:1000],  # decode: all are in the markers
-        "bytes_in": sum(s.bytes_in for s in done),
-        "bytes_out": sum(s.bytes_out for s in done),
-        "mean_bpp": bits / pixels if pixels else None,
+        "warnings": {s.shard_id: s.warning for s in done if s.warning},
+        "failed_keys": [k for s in done for k in s.failed_keys][:1000],  # decode: all of them are in the markers
+        "untracked_files": list(untracked)[:100],
         "seconds": round(seconds, 3),
         "startup_seconds": round(startup_seconds, 3),
         "images_per_second": round(ok / seconds, 3) if seconds else None,
@@ -44,23 +75,29 @@ def summarize(kind: str, stats: list[ShardStats], failed: list[dict], seconds: f
 
 
 def table(summary: dict) -> str:
+    run, whole = summary["run"], summary["archive"]
+    bpp = whole["mean_bpp"]
     rows = [
-        ("shards", f"{summary['shards_done_this_run']} done, {summary['shards_already_committed']} already committed, "
-                   f"{len(summary['shards_failed'])} failed, of {summary['shards_total']}"),
-        ("samples", f"{summary['samples_ok']} ok, {summary['samples_error']} errors this run; "
-                    f"{summary['samples_ok_all_runs']} ok, {summary['samples_error_all_runs']} errors in all"),
-        ("bytes", f"{summary['bytes_in']:,} in, {summary['bytes_out']:,} out"),
-        ("mean bpp", f"{summary['mean_bpp']:.4f}" if summary["mean_bpp"] is not None else "-"),
-        ("time", f"{summary['seconds']:.1f} s ({summary['startup_seconds']:.1f} s worker start-up), "
-                 f"{summary['images_per_second'] or 0:.2f} images/s, {summary['images_per_second_after_startup'] or 0:.2f} after start-up"),
-        ("workers", ", ".join(f"{w.get('device')}(gpu {','.join(w.get('gpu_ids') or []) or '-'})" for w in summary["workers"]) or "-"),
+        ("units", f"{run['units_done']} done, {run['units_already_committed']} already committed, "
+                  f"{run['units_failed_count']} failed, of {run['units_total']} in this run"),
+        ("samples", f"{run['samples_ok']} ok, {run['samples_error']} errors this run"),
+        ("output", f"{whole['units_committed']} units: {whole['samples_ok']} ok, {whole['samples_error']} errors"
+                   + (f", mean bpp {bpp:.4f}" if bpp is not None else "")),
+        ("bytes", f"{run['bytes_in']:,} in, {run['bytes_out']:,} out this run"),
+        ("time", f"{run['seconds']:.1f} s ({run['startup_seconds']:.1f} s worker start-up), "
+                 f"{run['images_per_second'] or 0:.2f} images/s, {run['images_per_second_after_startup'] or 0:.2f} after start-up"),
+        ("workers", ", ".join(f"{w.get('device')}(gpu {','.join(w.get('gpu_ids') or []) or '-'})" for w in run["workers"]) or "-"),
     ]
-    for reason, n in list(summary["error_reasons"].items())[:5]:
-        rows.append(("error", f"{n} × {reason}"))
-    for shard, err in list(summary["shard_errors"].items())[:5]:
-        rows.append(("shard error", f"{shard}: {err}"))
-    for f in summary["shards_failed"][:10]:
+    for code, n in list(run["error_reasons"].items())[:5]:
+        rows.append(("error", f"{n} × {code}: {run['error_examples'].get(code, '')[:100]}"))
+    for unit, text in list(run["shard_errors"].items())[:5] + list(run["warnings"].items())[:5]:
+        rows.append(("warning", f"{unit}: {text}"))
+    if run["untracked_files"]:
+        rows.append(("untracked", f"{len(run['untracked_files'])} files not written by this job, left untouched"))
+    for unit in run["units_rewritten"][:5]:
+        rows.append(("rewritten", unit))
+    for f in run["units_failed"][:10]:
         rows.append(("FAILED", f"{f['shard_id']} after {f['attempts']} attempts: {f['error']}"))
     width = max(len(k) for k, _ in rows)
     line = "-" * (width + 2 + max(len(v) for _, v in rows))
-    return "\n".join([f"{summary['kind']} summary", line] + [f"{k:<{width}}  {v}" for k, v in rows] + [line])
+    return "\n".join([f"{summary['run']['kind']} summary", line] + [f"{k:<{width}}  {v}" for k, v in rows] + [line])

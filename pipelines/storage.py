@@ -7,15 +7,15 @@ from the worker's environment.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import glob as _glob
 import hashlib
 import os
 import re
-import shutil
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import IO, Iterator
 
 import fsspec
@@ -82,17 +82,25 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
 
 
+def temp_name(path: str, token: str) -> str:
+    """The hidden name beside ``path`` that :func:`open_atomic` writes under, for one writer's ``token``."""
+    folder, _, name = path.rpartition("/")
+    return f"{folder}/.{name}.tmp-{token}" if folder else f".{name}.tmp-{token}"
+
+
 @contextmanager
-def open_atomic(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[IO[bytes]]:
+def open_atomic(fs: fsspec.AbstractFileSystem, path: str, token: str | None = None) -> Iterator[IO[bytes]]:
     """A file for writing that readers never see half-written.
 
-    Local files are written to a hidden name beside their own and renamed into place. On an object store
-    the upload (PUT or multipart) becomes visible only when completed; an error aborts it.
+    Local files are written to :func:`temp_name` (hidden, so dataset readers skip it) and renamed
+    into place; a writer that may die half-way passes its own ``token`` and records the temporary
+    name first (pipelines/ownership.py), so that whoever cleans up can prove the file is a job's.
+    On an object store the upload (PUT or multipart) becomes visible only when completed; an
+    error aborts it.
     """
     if is_local(fs):
         fs.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        folder, name = os.path.split(path)
-        tmp = os.path.join(folder, f".{name}.tmp-{uuid.uuid4().hex[:8]}")  # hidden: dataset readers skip it
+        tmp = temp_name(path, token or uuid.uuid4().hex[:12])
         try:
             with open(tmp, "wb") as f:
                 yield f
@@ -113,9 +121,105 @@ def open_atomic(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[IO[bytes]]
     f.close()
 
 
-def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    with open_atomic(fs, path) as f:
+def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes, token: str | None = None) -> None:
+    with open_atomic(fs, path, token) as f:
         f.write(data)
+
+
+def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes | None:
+    """The file's bytes, or None if it does not exist (never a stale listing cache's answer)."""
+    fs.invalidate_cache(path)
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        return None
+
+
+def list_names(fs: fsspec.AbstractFileSystem, folder: str) -> dict[str, bool]:
+    """``{name: is_directory}`` of a folder's entries, fresh from the store; {} if it does not exist."""
+    fs.invalidate_cache(folder)
+    try:
+        entries = fs.ls(folder, detail=True)
+    except FileNotFoundError:
+        return {}
+    out = {}
+    for e in entries:
+        name = e["name"].rstrip("/").rsplit("/", 1)[-1]
+        if e["name"].rstrip("/") != folder.rstrip("/"):
+            out[name] = e["type"] == "directory"
+    return out
+
+
+class PreconditionFailed(OSError):
+    """A conditional write lost: the file was created or changed by someone else meanwhile."""
+
+
+def read_versioned(fs: fsspec.AbstractFileSystem, path: str) -> tuple[bytes, str] | None:
+    """(bytes, version) of a small file for a later :func:`write_if`, or None if it does not exist.
+
+    The version is the object's ETag on S3 and a hash of the content elsewhere. On S3 the ETag
+    is read before the body, so a version can only be older than the bytes: a write_if with it
+    then fails rather than overwriting a change it has not seen.
+    """
+    if protocol_of_fs(fs) in ("s3", "s3a"):
+        fs.invalidate_cache(path)
+        try:
+            etag = fs.info(path)["ETag"]
+            return fs.cat_file(path), etag
+        except FileNotFoundError:
+            return None
+    data = read_bytes(fs, path)
+    return None if data is None else (data, hashlib.sha256(data).hexdigest())
+
+
+def write_if(fs: fsspec.AbstractFileSystem, path: str, data: bytes, version: str | None) -> None:
+    """Write ``data`` only if ``path`` is still at ``version`` (None: only if it does not exist).
+
+    S3 uses conditional PUTs (If-None-Match / If-Match); a local folder serialises writers with
+    an flock on the folder. Raises :class:`PreconditionFailed` when the condition does not hold.
+    """
+    if protocol_of_fs(fs) in ("s3", "s3a"):
+        try:
+            if version is None:
+                fs.pipe_file(path, data, mode="create")
+            else:
+                fs.pipe_file(path, data, IfMatch=version)
+        except FileExistsError:
+            raise PreconditionFailed(f"{path} was created meanwhile") from None
+        except OSError as exc:
+            if exc.errno == errno.EINVAL and "condition" in str(exc).lower():
+                raise PreconditionFailed(f"{path} was changed meanwhile") from None
+            raise
+        finally:
+            fs.invalidate_cache(path)
+        return
+    if not is_local(fs):
+        raise ValueError(f"conditional writes are not supported on {type(fs).__name__}; use a local folder or S3")
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        current = read_versioned(fs, path)
+        if (current[1] if current else None) != version:
+            raise PreconditionFailed(f"{path} was {'created' if version is None else 'changed'} meanwhile")
+        write_bytes_atomic(fs, path, data, token="cas")  # one fixed temporary name: writers hold the flock
+    finally:
+        os.close(fd)
+
+
+def protocol_of_fs(fs: fsspec.AbstractFileSystem) -> str:
+    proto = fs.protocol
+    return proto[0] if isinstance(proto, (tuple, list)) else proto
+
+
+def canonical_url(url: str) -> str:
+    """One spelling per file: absolute local paths (``./x``, ``x``, ``file://x`` alike), ``s3://bucket/key``."""
+    proto = protocol_of(url)
+    path = url.split("://", 1)[-1]
+    if proto == "file":
+        return os.path.abspath(os.path.expanduser(path))
+    return f"{proto}://{re.sub('/+', '/', path)}"
 
 
 _BRACE = re.compile(r"\{([^{}]*)\}")
@@ -172,22 +276,3 @@ def shard_ids(urls: list[str]) -> dict[str, str]:
     if len(set(ids.values())) != len(ids):
         raise ValueError("input shards map to the same id; give shards distinct names")
     return ids
-
-
-def localize_model(url: str, storage: StorageOptions, cache_root: str | None = None) -> str:
-    """A local directory holding the model: the path itself, or a cached download of a remote one."""
-    if protocol_of(url) == "file":
-        return url.split("://", 1)[-1]
-    root = Path(cache_root or os.environ.get("RDEIC_CACHE", Path.home() / ".cache" / "rdeic"))
-    target = root / "models" / hashlib.sha256(url.encode()).hexdigest()[:16]
-    if not (target / "config.json").is_file():
-        fs, path = filesystem(url, storage)
-        tmp = target.with_name(target.name + f".tmp-{uuid.uuid4().hex[:6]}")
-        tmp.mkdir(parents=True, exist_ok=True)
-        for name in ("model.safetensors", "entropy_tables.safetensors", "config.json"):
-            fs.get(f"{path.rstrip('/')}/{name}", str(tmp / name))
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another worker on this machine finished first
-            shutil.rmtree(tmp, ignore_errors=True)
-    return str(target)

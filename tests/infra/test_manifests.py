@@ -26,6 +26,7 @@ def test_rayjobs_run_the_real_jobs_and_resume_on_retry(name, job):
     assert argv[:2] == ["rdeic-job", job]
     args = build_parser().parse_args(argv[1:])  # exits on any unknown or missing argument
     assert args.job == job and "--overwrite" not in argv  # a retry must resume, never replace
+    assert args.device == "cuda"  # GPU workers, also where the cluster autoscales them from zero
     assert spec["shutdownAfterJobFinishes"] is True
     assert spec["activeDeadlineSeconds"] > 0 and spec["backoffLimit"] >= 1
     workers = spec["rayClusterSpec"]["workerGroupSpecs"]
@@ -44,6 +45,8 @@ def test_raycluster_has_a_gpu_worker_group():
 def test_cluster_launcher_config():
     doc = _load("ray-cluster.yaml")
     assert doc["available_node_types"]["gpu_worker"]["resources"]["GPU"] == 1
+    # GPU nodes start at zero: only jobs that ask for GPUs (--device cuda) make the autoscaler start them
+    assert doc["available_node_types"]["gpu_worker"]["min_workers"] == 0 and "--device cuda" in (INFRA / "ray-cluster.yaml").read_text()
     assert doc["head_node_type"] in doc["available_node_types"]
 
 

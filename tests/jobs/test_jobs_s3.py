@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import subprocess
@@ -45,9 +46,9 @@ def test_compress_then_decode_s3_to_s3(s3, ray_cluster, tiny_model_dir, tmp_path
     gpu_ids = {tuple(m["worker"]["gpu_ids"]) for m in markers}
     assert gpu_ids <= {("0",), ("1",)}
     summary = json.loads(fs.cat(f"{bucket}/archive/_summary.json"))
-    assert sorted(tuple(w["gpu_ids"]) for w in summary["workers"]) == [("0",), ("1",)]  # each actor its own GPU
+    assert sorted(tuple(w["gpu_ids"]) for w in summary["run"]["workers"]) == [("0",), ("1",)]  # each actor its own GPU
     manifest = json.loads(fs.cat(f"{bucket}/archive/_manifest.json"))
-    assert len(manifest["committed"]) == 3 and manifest["config"]["model_id"].startswith("UNTRAINED-")
+    assert manifest["units_committed"] == 3 and manifest["settings"]["model_id"].startswith("UNTRAINED-")
 
     assert main(["decode", "--archive", f"s3://{bucket}/archive", "--output", f"s3://{bucket}/decoded",
                  "--model", str(tiny_model_dir), "--actors", "2", "-q"]) == 0
@@ -102,3 +103,11 @@ def test_exactly_once_when_the_driver_is_interrupted_and_resumed(s3, ray_cluster
     assert f"{committed_before} already committed" in done.stdout
     rows = _archive_rows(fs, bucket)
     assert sorted(r["key"] for r in rows) == sorted(keys)
+    # the bookkeeping is true on S3 after the resumed run (no stale listing cache), and adds up over both runs
+    fs.invalidate_cache()
+    manifest = json.loads(fs.cat(f"{bucket}/archive/_manifest.json"))
+    summary = json.loads(fs.cat(f"{bucket}/archive/_summary.json"))
+    assert manifest["units_committed"] == 4 and summary["archive"]["samples_ok"] == len(keys)
+    index = [json.loads(line) for line in gzip.decompress(fs.cat(f"{bucket}/archive/_index.jsonl.gz")).splitlines()]
+    assert sorted(s["shard_id"] for s in index) == [f"shard-00000{i}" for i in range(4)]
+    assert not fs.glob(f"{bucket}/archive/_inprogress/*")  # every writer's record is gone

@@ -119,3 +119,52 @@ def test_non_image_member_in_a_plain_tar(compressor, tmp_path):
     (tmp_path / "t.tar").write_bytes(buf.getvalue())
     stats = compressor(ShardTask(str(tmp_path / "t.tar"), "t"))
     assert stats.errors == 1 and stats.ok == 0
+
+
+def test_a_sick_device_fails_the_attempt_and_commits_nothing(compressor, tmp_path, rng, monkeypatch):
+    from pipelines.reasons import InfraError
+
+    _mixed_shard(tmp_path / "s.tar", rng)
+
+    def sick(images, **kw):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(compressor.codec, "compress", sick)
+    with pytest.raises(InfraError, match="illegal memory access"):
+        compressor(ShardTask(str(tmp_path / "s.tar"), "s"))
+    archive_dir = tmp_path / "archive"
+    assert not (archive_dir / "part-s.parquet").exists() and not (archive_dir / "_commits").exists()
+    assert not list((archive_dir / "_inprogress").iterdir())
+
+
+def test_out_of_memory_batches_are_split_and_a_refused_image_is_its_row(compressor, tmp_path, rng, monkeypatch):
+    _mixed_shard(tmp_path / "s.tar", rng)
+    real = compressor.codec.compress
+    sizes = []
+
+    def picky(images, **kw):
+        sizes.append(len(images))
+        if len(images) > 1:
+            raise MemoryError()
+        if images[0].shape[0] == 70:
+            raise ValueError("images[0] is not what the codec takes")
+        return real(images, **kw)
+
+    monkeypatch.setattr(compressor.codec, "compress", picky)
+    stats = compressor(ShardTask(str(tmp_path / "s.tar"), "s"))
+    rows = pq.read_table(tmp_path / "archive" / "part-s.parquet").to_pylist()
+    refused = [r for r in rows if r["error_code"] == "encode_failed"]
+    assert len(refused) == 3 and all(r["height"] == 70 for r in refused)  # the three 70-pixel-high images
+    assert stats.ok == 4 and stats.error_reasons == {"no_image": 1, "unrecognised_image": 1, "empty_image": 1, "encode_failed": 3}
+    assert max(sizes) > 1 and sizes.count(1) == 7
+
+
+def test_a_file_we_did_not_write_is_never_overwritten(compressor, tmp_path, rng):
+    from pipelines.ownership import ForeignFileError
+
+    _mixed_shard(tmp_path / "s.tar", rng)
+    (tmp_path / "archive").mkdir()
+    (tmp_path / "archive" / "part-s.parquet").write_bytes(b"not ours")
+    with pytest.raises(ForeignFileError, match="no record shows this job wrote it"):
+        compressor(ShardTask(str(tmp_path / "s.tar"), "s"))
+    assert (tmp_path / "archive" / "part-s.parquet").read_bytes() == b"not ours"

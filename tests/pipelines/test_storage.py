@@ -61,3 +61,10 @@ def test_open_atomic_on_s3_never_shows_a_partial_object(s3):
             raise RuntimeError("boom")
     sfs.invalidate_cache()
     assert not sfs.exists(path)
+
+
+def test_canonical_urls_spell_one_file_one_way(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    absolute = str(tmp_path / "x" / "s.tar")
+    assert storage.canonical_url("x/s.tar") == storage.canonical_url("./x/s.tar") == storage.canonical_url(f"file://{absolute}") == absolute
+    assert storage.canonical_url("s3://bucket//a/b.tar") == "s3://bucket/a/b.tar"
