@@ -81,7 +81,7 @@ class Layout:
 
     def committed_units(self, fs, root: str) -> list[str]:
         """Units whose marker exists: one listing of the commits folder."""
-        names = storage.list_names(fs, storage.join(root, COMMITS))
+        names = storage.list_files(fs, storage.join(root, COMMITS))
         return sorted(u for n in names if (u := self.unit_of_marker(n)) is not None)
 
 
@@ -151,8 +151,7 @@ class ShardStats:
         if not isinstance(data, dict):
             raise MarkerError(f"{where}: not a commit marker (a JSON object is expected)")
         data = {k: v for k, v in data.items() if k != "mean_bpp"}
-        known = {f.name for f in fields(cls)} - {"skipped"}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - _MARKER_FIELDS)
         if unknown:
             raise MarkerError(f"{where}: not a commit marker of this version (unknown fields {unknown[:5]})")
         try:
@@ -173,6 +172,9 @@ class ShardStats:
         self.errors += 1
         self.error_reasons[code] = self.error_reasons.get(code, 0) + 1
         self.error_examples.setdefault(code, message[:300])
+
+
+_MARKER_FIELDS = {f.name for f in fields(ShardStats)} - {"skipped"}
 
 
 def table_bytes(rows: list[dict]) -> bytes:

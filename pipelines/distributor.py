@@ -298,6 +298,8 @@ def run_tasks(kind: str, spec, tasks: list[ShardTask], num_actors: int | None, m
 
 def _report_waiting(pool: _Pool, options: dict, waited: float, start_timeout: float) -> None:
     up = sum(a.up for a in pool.actors)
+    if up == len(pool.actors):
+        return  # long units, not missing workers
     need = f"{options['num_gpus']} GPU and {options['num_cpus']} CPU each"
     have = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
     if up == 0 and waited > start_timeout:

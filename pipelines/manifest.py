@@ -9,7 +9,7 @@ The driver of every job opens its output with :class:`JobOutput` before any work
    (pipelines/ownership.py); files no record names are listed as *untracked* and never touched.
 4. **Resume in O(listings).** The committed units are one listing of ``_commits/``; their stats
    come from ``_index.jsonl.gz`` (written when a run finishes) plus the few markers committed
-   since, read in parallel.
+   since, read in one batch.
 5. **Per-part settings.** What must match between runs (model id, codec version, settings that
    change the bytes) is checked per committed unit, never by how the inputs were spelled; a
    difference names the unit, the field and both values. ``--overwrite`` rewrites only the
@@ -23,12 +23,11 @@ import json
 import logging
 import posixpath
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 from . import storage
-from .archive import COMMITS, Layout, MarkerError, ShardStats, read_marker
+from .archive import COMMITS, Layout, MarkerError, ShardStats
 from .lease import DEFAULT_TTL, LEASE, Lease
-from .ownership import INPROGRESS, RUN_UNIT, Attempt, clean, list_records, record_path
+from .ownership import INPROGRESS, RUN_UNIT, Attempt, clean, record_path, unit_of_record
 
 log = logging.getLogger(__name__)
 
@@ -73,21 +72,24 @@ class JobOutput:
     # ---------------------------------------------------------------- open
     def open(self, break_lease: bool = False) -> dict[str, ShardStats]:
         """Check ownership, take the lease, clean after dead attempts; the committed units' stats."""
-        entries = storage.list_names(self.fs, self.root)
         self.manifest = self._read_manifest() or {}
-        if not self.manifest and set(entries) - RESERVED:
-            names = sorted(n + ("/" if d else "") for n, d in entries.items())
-            raise OutputRefused(f"{self.root} is not empty and is not an rdeic-archive output (it holds "
-                                f"{_few(names)}); choose a new or empty folder")
+        if not self.manifest:  # never take a lease in, or write into, a folder of someone else's
+            entries = storage.list_names(self.fs, self.root)
+            if set(entries) - RESERVED:
+                names = sorted(n + ("/" if d else "") for n, d in entries.items())
+                raise OutputRefused(f"{self.root} is not empty and is not an rdeic-archive output (it holds "
+                                    f"{_few(names)}); choose a new or empty folder")
         self.fs.makedirs(self.root, exist_ok=True)
         self.lease.acquire(break_lease)
         self.lease.start_heartbeat()
         try:
-            units = set(self.layout.committed_units(self.fs, self.root))
-            self._clean_records(units)
+            entries = storage.list_names(self.fs, self.root)  # again, now that no other run writes here
+            units = set(self.layout.committed_units(self.fs, self.root)) if COMMITS in entries else set()
+            if INPROGRESS in entries and self._clean_records(units):
+                entries = storage.list_names(self.fs, self.root)
             self.control.begin_control(CONTROL_FILES)
             self.committed = self._load_stats(units)
-            self.untracked = self._untracked(storage.list_names(self.fs, self.root), units)
+            self.untracked = self._untracked(entries, units)
             if not self.manifest:
                 self._write_manifest()
         except BaseException:
@@ -119,38 +121,49 @@ class JobOutput:
                                 "use another output")
         return manifest
 
-    def _clean_records(self, committed: set[str]) -> None:
-        """Every record here is a dead writer's: we hold the lease, and our own attempts have not started."""
-        for name in list_records(self.fs, self.root):
-            unit = name.rpartition("~")[0]
+    def _clean_records(self, committed: set[str]) -> int:
+        """Every record here is a dead writer's: we hold the lease, and our own attempts have not started.
+        Returns how many there were."""
+        names = storage.list_files(self.fs, storage.join(self.root, INPROGRESS))
+        records = [n for n in names if unit_of_record(n) is not None]
+        for name in records:
+            unit = unit_of_record(name)
             clean(self.fs, self.root, name, committed=unit in committed or unit == RUN_UNIT)
-        for name, is_dir in storage.list_names(self.fs, storage.join(self.root, INPROGRESS)).items():
+        for name in names:
             token = name.rpartition(".tmp-")[2]
-            if not is_dir and name.startswith(".") and name.endswith(f"~{token}.json.tmp-{token}"):
+            if name.startswith(".") and name.endswith(f"~{token}.json.tmp-{token}"):
                 self.fs.rm(record_path(self.root, name))  # a record cut while being written: its own token names it
+        return len(records)
 
     def _load_stats(self, units: set[str]) -> dict[str, ShardStats]:
         stats = {u: s for u, s in self._read_index().items() if u in units}
         missing = sorted(units - set(stats))
         if missing:
             log.info("reading %d commit markers not yet in %s", len(missing), INDEX)
-            with ThreadPoolExecutor(max_workers=16) as pool:
-                for unit, marker in zip(missing, pool.map(self._read_marker, missing)):
-                    stats[unit] = marker
+            stats.update(self._read_markers(missing))
             self._write_index(stats)
         for s in stats.values():
             s.skipped = True
         return stats
 
-    def _read_marker(self, unit: str) -> ShardStats:
-        try:
-            marker = read_marker(self.fs, self.root, self.layout, unit)
-        except MarkerError as exc:
-            raise OutputRefused(f"{exc}; move it away to redo that unit") from None
-        if marker is None:
-            raise OutputRefused(f"{self.path(self.layout.marker(unit))} vanished while this run started; is another job "
-                                "writing here without the lease?")
-        return marker
+    def _read_markers(self, units: list[str]) -> dict[str, ShardStats]:
+        """Markers read in one batch (concurrent requests on object stores), each checked."""
+        if not units:
+            return {}
+        paths = {self.path(self.layout.marker(u)): u for u in units}
+        self.fs.invalidate_cache(self.path(COMMITS))
+        out = {}
+        for path, data in self.fs.cat(list(paths), on_error="return").items():
+            path = path.split("://", 1)[-1]
+            if isinstance(data, FileNotFoundError):
+                raise OutputRefused(f"{path} vanished while this run started; is another job writing here without the lease?")
+            if isinstance(data, BaseException):
+                raise data
+            try:
+                out[paths[path]] = ShardStats.from_json(data, path)
+            except MarkerError as exc:
+                raise OutputRefused(f"{exc}; move it away to redo that unit") from None
+        return out
 
     def _read_index(self) -> dict[str, ShardStats]:
         data = storage.read_bytes(self.fs, self.path(INDEX))
@@ -198,7 +211,7 @@ class JobOutput:
         """Remove committed units this run will redo: marker first, then their files, by a record."""
         for unit in units:
             self.committed.pop(unit)
-            stats = self._read_marker(unit)  # the index holds no file lists
+            stats = self._read_markers([unit])[unit]  # the index holds no file lists
             attempt = Attempt(self.fs, self.root, unit, self.run_id)
             attempt.record.paths = stats.files or [self.layout.data(unit)]
             attempt.record.dirs = sorted({posixpath.dirname(f) for f in attempt.record.paths} - {""})
@@ -212,8 +225,7 @@ class JobOutput:
         """Index, manifest and summary from one listing of the markers; releases the lease."""
         units = set(self.layout.committed_units(self.fs, self.root))
         stats = {**self.committed, **{s.shard_id: s for s in run_stats if not s.skipped}}
-        for unit in sorted(units - set(stats)):
-            stats[unit] = self._read_marker(unit)
+        stats.update(self._read_markers(sorted(units - set(stats))))
         stats = {u: s for u, s in stats.items() if u in units}
         self._write_index(stats)
         summary = {"run": run_summary, "archive": totals(list(stats.values()))}

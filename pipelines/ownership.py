@@ -60,8 +60,8 @@ def unit_of_record(name: str) -> str | None:
 
 
 def list_records(fs, root: str, unit: str | None = None) -> list[str]:
-    names = storage.list_names(fs, storage.join(root, INPROGRESS))
-    return sorted(n for n in names if unit_of_record(n) is not None and (unit is None or unit_of_record(n) == unit))
+    names = storage.list_files(fs, storage.join(root, INPROGRESS))
+    return [n for n in names if unit_of_record(n) is not None and (unit is None or unit_of_record(n) == unit)]
 
 
 def read_record(fs, root: str, name: str) -> Record | None:

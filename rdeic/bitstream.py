@@ -5,7 +5,7 @@ Layout (all integers little-endian; ``varint`` is unsigned LEB128)::
     magic        4 bytes  b"RDEC"
     version      u8       FORMAT_VERSION
     name_len     u8       then name_len bytes: the model's display name (UTF-8)
-    model_hash   8 bytes  first 8 bytes of SHA-256 of the model's weights + entropy tables
+    model_hash   8 bytes  the model id's digest (rdeic/modeldir.py: tensors, entropy tables, decoding config)
     width        varint   original size
     height       varint
     pad_width    varint   padded to a multiple of 64
