@@ -83,7 +83,8 @@ class JobOutput:
         self.lease.acquire(break_lease)
         self.lease.start_heartbeat()
         try:
-            entries = storage.list_names(self.fs, self.root)  # again, now that no other run writes here
+            self.manifest = self._read_manifest() or {}  # again, now that no other run writes here
+            entries = storage.list_names(self.fs, self.root)
             units = set(self.layout.committed_units(self.fs, self.root)) if COMMITS in entries else set()
             if INPROGRESS in entries and self._clean_records(units):
                 entries = storage.list_names(self.fs, self.root)
