@@ -30,6 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
     args = build_parser().parse_args(argv)
     common.setup_logging(args.quiet)
+    check = getattr(JOBS[args.job], "check", None)
+    if check is not None:
+        try:
+            check(args)  # before Ray starts or a model loads
+        except ValueError as exc:
+            return _error(exc, EXIT_REFUSED)
     from pipelines.distributor import WorkerStartError
     from pipelines.lease import LeaseBusy, LeaseLost
     from pipelines.manifest import OutputRefused
@@ -42,6 +48,13 @@ def main(argv: list[str] | None = None) -> int:
         return _error(exc, EXIT_BUSY)
     except (OutputRefused, ValueError, OSError) as exc:
         return _error(exc, EXIT_REFUSED)
+    except Exception as exc:
+        from pipelines.storage import explain
+
+        message = explain(exc)
+        if message is None:
+            raise
+        return _error(message, EXIT_REFUSED)
     except KeyboardInterrupt:
         print("rdeic-job: interrupted; what was committed stays committed: rerun the same command to resume", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -42,6 +42,21 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and the summary")
 
 
+def at_least(args: argparse.Namespace, name: str, low: float, what: str = "") -> None:
+    """Refuse ``--name`` below ``low`` (None means the default and passes), in one line."""
+    value = getattr(args, name.replace("-", "_"))
+    if value is not None and not value >= low:  # "not >=" also refuses NaN
+        raise ValueError(f"--{name} must be at least {low:g}{what}, got {value}")
+
+
+def check_run_args(args: argparse.Namespace) -> None:
+    """The options every job shares, checked before Ray starts or a model loads."""
+    for name, low in (("batch-size", 1), ("max-retries", 0), ("actors", 1)):
+        at_least(args, name, low)
+    for name in ("start-timeout", "lease-ttl"):
+        at_least(args, name, 1, " second")
+
+
 def storage_from(args: argparse.Namespace) -> storage.StorageOptions:
     return storage.StorageOptions.from_env(endpoint_url=args.endpoint_url, region=args.region, anon=args.anon)
 

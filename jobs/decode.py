@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 
 from pipelines import storage
@@ -16,6 +17,8 @@ from pipelines.archive import ARCHIVE, committed_part_ids, part_name
 from pipelines.compress import ShardTask
 from pipelines.decode import FORMATS, DecodeSpec, layout_for
 from pipelines.manifest import MANIFEST, OutputRefused
+from rdeic.config import ModelConfig
+from rdeic.modeldir import CONFIG_FILE
 
 from . import common
 
@@ -65,9 +68,30 @@ def _warn_uncommitted(fs, root: str, parts: list[str]) -> None:
                     ", ".join(stray[:5]))
 
 
+def check(args: argparse.Namespace) -> None:
+    common.check_run_args(args)
+    common.at_least(args, "steps", 1)
+    common.at_least(args, "detail", 0, " (λs: 0 is the plain UNet, 1 the model as trained)")
+    if not math.isfinite(args.detail):
+        raise ValueError(f"--detail must be a finite number, got {args.detail}")
+    common.at_least(args, "max-pixels", 64 * 64, " (one padded 64x64 block)")
+
+
+def check_steps(model: str, opts, steps: int | None) -> None:
+    """--steps against the model's schedule, from its config.json alone."""
+    if steps is None:
+        return
+    fs, path = storage.filesystem(model, opts)
+    data = storage.read_bytes(fs, storage.join(path, CONFIG_FILE))
+    used = ModelConfig.from_json(data.decode()).diffusion.used_timesteps if data else None
+    if used is not None and steps > used:
+        raise ValueError(f"--steps must be at most {used} for this model (its relay schedule's length), got {steps}")
+
+
 def run(args: argparse.Namespace) -> int:
     opts = common.storage_from(args)
     model = common.resolve_model(args.model)
+    check_steps(model, opts, args.steps)
     args.archive, args.output = storage.canonical_url(args.archive), storage.canonical_url(args.output)  # workers run elsewhere
     archive_fs, archive_root = storage.filesystem(args.archive, opts)
     parts = committed_part_ids(archive_fs, archive_root)

@@ -34,6 +34,7 @@ SCHEMA = pa.schema(
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
         pa.field("mode", pa.string()),
+        pa.field("frames", pa.int32()),  # frames in the original (animations, multi-page files): the first is archived
         pa.field("bitstream", pa.binary()),
         pa.field("num_bytes", pa.int64()),
         pa.field("bpp", pa.float64()),
@@ -193,9 +194,19 @@ def read_marker(fs, root: str, layout: Layout, unit_id: str) -> ShardStats | Non
     return None if data is None else ShardStats.from_json(data, path)
 
 
+class PartError(ValueError):
+    """A file named like an archive part that is not one (another schema)."""
+
+
 def read_part(fs, root: str, shard_id: str, columns: list[str] | None = None) -> pa.Table:
-    with fs.open(storage.join(root, part_name(shard_id)), "rb") as f:
-        return pq.read_table(f, columns=columns)
+    path = storage.join(root, part_name(shard_id))
+    with fs.open(path, "rb") as f:
+        part = pq.ParquetFile(f)
+        missing = [c for c in columns or [] if c not in part.schema_arrow.names]
+        if missing:
+            raise PartError(f"{path} is not an archive part: it lacks the columns {missing[:6]} "
+                            f"(it has {part.schema_arrow.names[:6]})")
+        return part.read(columns=columns)
 
 
 def committed_part_ids(fs, root: str) -> list[str]:

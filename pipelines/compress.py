@@ -21,7 +21,7 @@ from . import archive, reasons, storage
 from .archive import ARCHIVE, ShardStats
 from .ownership import Attempt
 from .samples import PreparedSample, prepare
-from .shards import ShardReader
+from .shards import MAX_MEMBER_BYTES, MAX_SIDECAR_BYTES, ShardReader
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,9 @@ class CompressSpec:
     model: str
     storage: storage.StorageOptions = field(default_factory=storage.StorageOptions)
     batch_size: int = 8
-    max_pixels: int = 4096 * 4096
+    max_pixels: int = 4096 * 4096  # padded to multiples of 64, as the codec computes
+    max_member_bytes: int = MAX_MEMBER_BYTES  # one tar member (checked from its header, before reading)
+    max_sidecar_bytes: int = MAX_SIDECAR_BYTES  # all files of a sample but its image
     read_threads: int = 2
     crash: CrashSpec | None = None
     run_id: str = ""  # the run holding the output's lease; workers commit only while it does
@@ -94,10 +96,10 @@ def _prefetch(task: ShardTask, spec: CompressSpec, reader_out: list) -> Iterator
     def produce() -> None:
         try:
             with fs.open(path, "rb", block_size=8 << 20) as f:
-                reader = ShardReader(f)
+                reader = ShardReader(f, spec.max_member_bytes, spec.max_member_bytes + spec.max_sidecar_bytes)
                 reader_out.append(reader)
                 for sample in reader:
-                    pending.put(pool.submit(prepare, sample, spec.max_pixels))
+                    pending.put(pool.submit(prepare, sample, spec.max_pixels, spec.max_sidecar_bytes))
         except Exception as exc:  # recorded as the shard's error by the consumer
             pending.put(exc)
         finally:
@@ -188,7 +190,7 @@ class ShardCompressor:
     def _base_row(self, task: ShardTask, p: PreparedSample) -> dict:
         return {
             "key": p.key, "source_shard": task.url, "source_index": p.index, "width": p.width, "height": p.height,
-            "mode": p.mode, "bitstream": None, "num_bytes": None, "bpp": None, "model_id": self.model_id,
+            "mode": p.mode, "frames": p.frames, "bitstream": None, "num_bytes": None, "bpp": None, "model_id": self.model_id,
             "codec_version": CODEC_VERSION, "original_sha256": p.original_sha256, "original_bytes": p.original_bytes,
             "original_format": p.original_format, "meta_json": p.meta_json, "status": "error", "error": p.error,
             "error_code": p.error_code, "encode_ms": None, "encoded_at": datetime.now(timezone.utc),

@@ -20,10 +20,12 @@ CODES: dict[str, str] = {
     "empty_image": "the image file is empty",
     "unrecognised_image": "the image bytes are not a format Pillow recognises",
     "corrupt_image": "the image is truncated, corrupt, or its decoder raised",
-    "too_large": "the image (or the bitstream's claimed size) is over the pixel limit",
+    "too_large": "over a limit: pixels (padded), aspect ratio, bytes of a member or of a sample's sidecars, "
+                 "or the size a bitstream claims",
     "unsupported_mode": "the image's mode cannot be converted to RGB",
     "duplicate_key": "a second sample with the same key in one shard",
-    "bad_member": "a tar member of the sample is truncated, corrupt or over a size limit",
+    "bad_member": "a tar member of the sample is truncated or corrupt",
+    "bad_name": "a tar member is not named <key>.<extension> (no extension, or a name starting with a dot)",
     "not_a_file": "a tar member of the sample is a link, FIFO or device, not a regular file",
     "encode_failed": "the codec refused the image",
     # decode: one archive row

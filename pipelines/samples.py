@@ -17,7 +17,7 @@ import numpy as np
 from rdeic.images import ImageReadError, format_name, open_image, to_rgb
 
 from . import reasons
-from .shards import Sample
+from .shards import MAX_SIDECAR_BYTES, Sample
 
 # Extensions taken as the image, in order of preference.
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm", "pgm", "pbm", "pnm", "jp2", "jpx")
@@ -38,6 +38,7 @@ class PreparedSample:
     meta_json: str  # the sample's other files: {ext: text} or {ext: {"base64": ...}}
     error: str | None = None
     error_code: str | None = None  # a key of reasons.CODES, set with error
+    frames: int | None = None  # frames in the image file (animated GIF/WebP/PNG, multi-page TIFF): the first is archived
 
     def fail(self, code: str, message: str) -> PreparedSample:
         """Record why this sample cannot be coded; returns it, for ``return result.fail(...)``."""
@@ -64,10 +65,16 @@ def sidecars_from_json(text: str) -> dict[str, bytes]:
 
 
 def _pick_image(files: dict[str, bytes]) -> str | None:
+    """The image's extension: the first of IMAGE_EXTENSIONS among the sample's (any case), else the
+    first (sorted) whose last part is one, as WebDataset's decoders read ``in.name.jpg`` as a JPEG."""
     lowered = {ext.lower(): ext for ext in files}
     for ext in IMAGE_EXTENSIONS:
         if ext in lowered:
             return lowered[ext]
+    for ext in IMAGE_EXTENSIONS:
+        for lower in sorted(lowered):
+            if lower.rpartition(".")[2] == ext:
+                return lowered[lower]
     return None
 
 
@@ -77,9 +84,15 @@ def _type_name(exc: BaseException) -> str:
     return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
 
 
-def prepare(sample: Sample, max_pixels: int) -> PreparedSample:
+def prepare(sample: Sample, max_pixels: int, max_sidecar_bytes: int | None = MAX_SIDECAR_BYTES) -> PreparedSample:
     image_ext = _pick_image(sample.files)
     sidecars = {ext: data for ext, data in sample.files.items() if ext != image_ext}
+    sidecar_bytes = sum(len(d) for d in sidecars.values())
+    if max_sidecar_bytes is not None and sidecar_bytes > max_sidecar_bytes:
+        # kept out of the row: in Parquet a sidecar costs tens of times its size in memory
+        message = f"the sample's other files hold {sidecar_bytes} bytes, over the limit of {max_sidecar_bytes}"
+        sample.fail("too_large", message)
+        sidecars = {}
     data = sample.files.get(image_ext, b"") if image_ext else b""
     result = PreparedSample(
         key=sample.key, index=sample.index, image=None, width=None, height=None, mode=None,
@@ -98,6 +111,7 @@ def prepare(sample: Sample, max_pixels: int) -> PreparedSample:
     try:
         img = open_image(data, max_pixels=max_pixels)
         result.mode, result.original_format = img.mode, img.format or result.original_format
+        result.frames = getattr(img, "n_frames", 1)  # an animation is archived as its first frame
         rgb = to_rgb(img)
     except ImageReadError as exc:
         result.original_format = exc.image_format or result.original_format

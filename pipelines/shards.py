@@ -36,6 +36,8 @@ from typing import IO, Iterator
 from . import reasons
 
 SKIPPED_LIMIT = 1000  # skipped members listed by name; all are counted
+MAX_MEMBER_BYTES = 256 << 20  # one member: a 16-bit TIFF of 4096² is 96 MiB
+MAX_SIDECAR_BYTES = 16 << 20  # all of a sample's files but its image
 HEAD_BYTES = 32
 
 _NOT_A_FILE = {tarfile.SYMTYPE: "symlink", tarfile.LNKTYPE: "hardlink", tarfile.FIFOTYPE: "fifo",
@@ -69,12 +71,14 @@ class Sample:
             self.error, self.error_code = message, reasons.check(code)
 
 
-def split_name(name: str) -> tuple[str, str]:
-    """``dir/000123.seg.png`` → (``dir/000123``, ``seg.png``)."""
+def split_name(name: str) -> tuple[str, str | None]:
+    """``dir/000123.seg.png`` → (``dir/000123``, ``seg.png``); a name WebDataset cannot split
+    (no dot in its last part, or a last part starting with a dot) → (the whole name, None)."""
     folder, _, base = name.rpartition("/")
     stem, dot, ext = base.partition(".")
-    key = f"{folder}/{stem}" if folder else stem
-    return key, (ext if dot else "")
+    if not stem or not dot:
+        return name, None
+    return (f"{folder}/{stem}" if folder else stem), ext
 
 
 def utf8_name(name: str) -> str:
@@ -115,13 +119,26 @@ class _Samples:
         self.current.fail(code, message)
         return done
 
+    def size_with(self, name: str, size: int) -> int:
+        """The bytes the sample that member ``name`` joins would hold with it."""
+        key, ext = split_name(name)
+        if self._joins(key, ext):
+            return size + sum(len(d) for d in self.current.files.values())
+        return size
+
+    def _joins(self, key: str, ext: str | None) -> bool:
+        done = self.current
+        return ext is not None and done is not None and done.key == key and ext not in done.files and ext not in done.bad_members
+
     def _place(self, name: str) -> tuple[Sample | None, str]:
         key, ext = split_name(name)
-        done = self.current
-        if done is not None and done.key == key and ext not in done.files and ext not in done.bad_members:
+        if self._joins(key, ext):
             return None, ext
+        done = self.current
         self.current = self._new(key, 0 if done is None else done.index + 1)
-        return done, ext
+        if ext is None:
+            self.current.fail("bad_name", f"member {name!r} is not named <key>.<extension> as WebDataset names members")
+        return done, ext or ""
 
     def _new(self, key: str, index: int) -> Sample:
         sample = Sample(key=key, index=index)
@@ -168,8 +185,10 @@ class _Tracking:
 class ShardReader:
     """Iterate the samples of one tar stream; afterwards ``error`` holds the shard's error, if any."""
 
-    def __init__(self, fileobj: IO[bytes]) -> None:
+    def __init__(self, fileobj: IO[bytes], max_member_bytes: int | None = MAX_MEMBER_BYTES,
+                 max_sample_bytes: int | None = MAX_MEMBER_BYTES + MAX_SIDECAR_BYTES) -> None:
         self.fileobj = fileobj
+        self.max_member_bytes, self.max_sample_bytes = max_member_bytes, max_sample_bytes
         self.error: str | None = None
         self.members = 0  # every member tarfile yielded
         self.skipped_members: list[dict[str, str]] = []  # {"name", "reason"} of the first SKIPPED_LIMIT skipped
@@ -178,13 +197,14 @@ class ShardReader:
     def __iter__(self) -> Iterator[Sample]:
         samples = _Samples()
         try:
-            for member, data in self._members():
+            for member, data in self._members(lambda m: self._refusal(m, samples) is None):
                 name = utf8_name(member.name)
                 if member.isdir():
                     self._skip(name, "directory")
                     continue
                 if data is None:
-                    done = samples.add_unread(name, "not_a_file", _not_a_file(member, name))
+                    code, message = self._refusal(member, samples) if member.isfile() else ("not_a_file", _not_a_file(member, name))
+                    done = samples.add_unread(name, code, message)
                 else:
                     done = samples.add_file(name, data)
                 if done is not None:
@@ -198,8 +218,22 @@ class ShardReader:
         if samples.current is not None:
             yield samples.current
 
-    def _members(self) -> Iterator[tuple[tarfile.TarInfo, bytes | None]]:
-        """tarfile's members, with the content of regular files; damaged data raises :class:`_Damage`."""
+    def _refusal(self, member: tarfile.TarInfo, samples: _Samples) -> tuple[str, str] | None:
+        """Why a regular file's content is not read: a name that is no sample's, or a size over a limit
+        (taken from the tar header, before anything is read: a sparse member can claim gigabytes)."""
+        name = utf8_name(member.name)
+        if split_name(name)[1] is None:
+            return "bad_name", f"member {name!r} is not named <key>.<extension> as WebDataset names members"
+        if self.max_member_bytes is not None and member.size > self.max_member_bytes:
+            return "too_large", f"member {name!r} holds {member.size} bytes, over the limit of {self.max_member_bytes}"
+        if self.max_sample_bytes is not None and samples.size_with(name, member.size) > self.max_sample_bytes:
+            return "too_large", (f"member {name!r} brings its sample to {samples.size_with(name, member.size)} bytes, "
+                                 f"over the limit of {self.max_sample_bytes}")
+        return None
+
+    def _members(self, wanted=lambda member: True) -> Iterator[tuple[tarfile.TarInfo, bytes | None]]:
+        """tarfile's members, with the content of the regular files ``wanted`` accepts; damaged data
+        raises :class:`_Damage`."""
         stream = _Tracking(self.fileobj)
         reading = None
         try:
@@ -207,7 +241,7 @@ class ShardReader:
                 for member in tar:
                     self.members += 1
                     reading = member
-                    data = tar.extractfile(member).read() if member.isfile() else None
+                    data = tar.extractfile(member).read() if member.isfile() and wanted(member) else None
                     reading = None
                     yield member, data
                 self._check_end(tar, stream)

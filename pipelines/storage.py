@@ -17,6 +17,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import IO, Iterator
+from urllib.parse import urlsplit
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -217,6 +218,23 @@ def write_if(fs: fsspec.AbstractFileSystem, path: str, data: bytes, version: str
         write_bytes_atomic(fs, path, data, token="cas")  # one fixed temporary name: writers hold the flock
     finally:
         os.close(fd)
+
+
+def explain(exc: BaseException) -> str | None:
+    """One line for an object-store failure a user can fix (credentials, endpoint, access), else None."""
+    try:
+        from botocore import exceptions as boto
+    except ImportError:  # no S3 support installed: nothing of ours raised it
+        return None
+    if isinstance(exc, boto.NoCredentialsError):
+        return ("no S3 credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), "
+                "or pass --anon for a public bucket")
+    if isinstance(exc, boto.EndpointConnectionError):
+        url = urlsplit(str(exc.kwargs.get("endpoint_url", "")))
+        return f"cannot reach the S3 endpoint {url.scheme}://{url.netloc}: check --endpoint-url or AWS_ENDPOINT_URL"
+    if isinstance(exc, (boto.ClientError, boto.BotoCoreError)):
+        return f"S3 refused the request: {str(exc).splitlines()[0][:300]}"
+    return None
 
 
 def protocol_of_fs(fs: fsspec.AbstractFileSystem) -> str:

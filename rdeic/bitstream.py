@@ -19,7 +19,10 @@ Layout (all integers little-endian; ``varint`` is unsigned LEB128)::
     payload      the sections' bytes, in order
     crc32        u32      CRC32 of every byte before it
 
-Sections: 1 = hyper-latent indices, bit-packed; 2 = y symbols, one rANS stream.
+Sections: 1 = hyper-latent indices, bit-packed; 2 = y symbols, one rANS stream. The table is
+always exactly (1, 2) in that order. Sides are 1 ... 2**20 pixels; varints are minimally
+encoded. :func:`read` is the one parser: whatever it accepts is consistent, and nothing is
+sliced or allocated for a length before it is checked against the bytes present.
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ from .errors import (
     BadMagicError,
     BitstreamError,
     ChecksumError,
+    HeaderError,
+    ImageTooLargeError,
+    SectionTableError,
     TruncatedError,
     UnsupportedVersionError,
 )
@@ -43,6 +49,10 @@ FORMAT_VERSION = 1
 PAD = 64
 SECTION_HYPER = 1
 SECTION_Y = 2
+SECTIONS = (SECTION_HYPER, SECTION_Y)  # the only section table a stream may carry, in this order
+MAX_SIDE = 1 << 20  # largest width or height the format allows (a multiple of PAD)
+DEFAULT_MAX_PIXELS = 4096 * 4096  # padded pixels a decoder accepts unless told otherwise
+CRC_SIZE = 4
 
 
 @dataclass(frozen=True)
@@ -64,6 +74,11 @@ class Header:
     def model_id(self) -> str:
         return f"{self.model_name}@{self.model_hash.hex()}"
 
+    @property
+    def padded_pixels(self) -> int:
+        """What decoding costs: the codec works on the padded image."""
+        return self.pad_width * self.pad_height
+
 
 @dataclass(frozen=True)
 class Bitstream:
@@ -79,6 +94,14 @@ class Bitstream:
 
 def padded(n: int) -> int:
     return -(-n // PAD) * PAD
+
+
+def check_size(header: Header, max_pixels: int | None) -> None:
+    """Refuse a stream whose padded image is over ``max_pixels`` (None: no limit), before decoding it."""
+    pixels = header.padded_pixels
+    if max_pixels is not None and pixels > max_pixels:
+        raise ImageTooLargeError(f"the bitstream claims a {header.width}x{header.height} image ({pixels} padded pixels), "
+                                 f"over the decode limit of {max_pixels} padded pixels")
 
 
 # ---------------------------------------------------------------- bit packing
@@ -130,16 +153,21 @@ class _Reader:
     def u32(self, what: str) -> int:
         return struct.unpack("<I", self.take(4, what))[0]
 
-    def varint(self, what: str) -> int:
+    def varint(self, what: str, limit: int) -> int:
+        """An unsigned LEB128 of at most 63 bits, minimally encoded, refused as soon as it passes ``limit``."""
         value, shift = 0, 0
         while True:
             byte = self.u8(what)
             value |= (byte & 0x7F) << shift
+            if value > limit:
+                raise HeaderError(f"bitstream field {what} is over its limit of {limit}")
             if not byte & 0x80:
+                if byte == 0 and shift:
+                    raise HeaderError(f"bitstream field {what} is not minimally encoded")
                 return value
             shift += 7
-            if shift > 63:
-                raise BitstreamError(f"bitstream field {what} is not a valid varint")
+            if shift >= 63:
+                raise HeaderError(f"bitstream field {what} is not a valid varint (over 63 bits)")
 
 
 # ------------------------------------------------------------------ write/read
@@ -178,16 +206,10 @@ def read(data: bytes) -> Bitstream:
         raise UnsupportedVersionError(f"bitstream format version {version} is not supported (this decoder reads {FORMAT_VERSION})")
     name_bytes = r.take(r.u8("the model name length"), "the model name")
     model_hash = r.take(8, "the model hash")
-    dims = [r.varint("the image and latent sizes") for _ in range(8)]
+    dims = [r.varint(what, limit) for what, limit in _DIMENSIONS]
     index_bits = r.u8("the index width")
     seed, symbols_crc = r.u32("the seed"), r.u32("the symbol CRC")
-    sections = {}
-    order = []
-    for _ in range(r.u8("the section count")):
-        tag = r.u8("the section table")
-        sections[tag] = r.varint("the section table")
-        order.append(tag)
-    payload = {tag: r.take(sections[tag], f"section {tag}") for tag in order}
+    hyper, y = (r.take(n, f"section {tag}") for tag, n in zip(SECTIONS, _read_section_table(r)))
     body_end = r.pos
     stored_crc = r.u32("the trailing CRC32")
     if r.pos != len(data):
@@ -199,11 +221,38 @@ def read(data: bytes) -> Bitstream:
     except UnicodeDecodeError:
         raise BitstreamError("bitstream model name is not UTF-8") from None
     header = Header(name, model_hash, *dims[:4], tuple(dims[4:6]), tuple(dims[6:8]), index_bits, seed, symbols_crc, version)
-    _check_consistent(header, payload)
-    return Bitstream(header, payload[SECTION_HYPER], payload[SECTION_Y])
+    _check_consistent(header, len(hyper))
+    return Bitstream(header, hyper, y)
 
 
-def _check_consistent(h: Header, payload: dict[int, bytes]) -> None:
+_DIMENSIONS = [("the width", MAX_SIDE), ("the height", MAX_SIDE), ("the padded width", MAX_SIDE),
+               ("the padded height", MAX_SIDE), ("the y height", MAX_SIDE // 16), ("the y width", MAX_SIDE // 16),
+               ("the z height", MAX_SIDE // 64), ("the z width", MAX_SIDE // 64)]
+
+
+def _read_section_table(r: _Reader) -> list[int]:
+    """The sections' lengths, in :data:`SECTIONS` order, once they are known to fit in the bytes present."""
+    count = r.u8("the section count")
+    if count != len(SECTIONS):
+        raise SectionTableError(f"bitstream has {count} sections, expected {len(SECTIONS)} (tags {list(SECTIONS)})")
+    lengths: list[int] = []
+    for position, expected in enumerate(SECTIONS):
+        tag = r.u8("the section table")
+        if tag not in SECTIONS:
+            raise SectionTableError(f"bitstream has an unknown section tag {tag} (known: {list(SECTIONS)})")
+        if tag in SECTIONS[:position]:
+            raise SectionTableError(f"bitstream lists section {tag} twice")
+        if tag != expected:
+            raise SectionTableError(f"bitstream lists section {tag} at position {position + 1}, expected {expected}")
+        lengths.append(r.varint(f"the length of section {tag}", (1 << 63) - 1))
+    present = len(r.data) - r.pos - CRC_SIZE
+    if sum(lengths) > present:
+        raise TruncatedError(f"bitstream truncated: its sections claim {sum(lengths)} bytes, {max(present, 0)} are present "
+                             f"before the CRC32")
+    return lengths
+
+
+def _check_consistent(h: Header, hyper_len: int) -> None:
     problems = []
     if h.width < 1 or h.height < 1:
         problems.append(f"image size {h.width}x{h.height}")
@@ -213,10 +262,8 @@ def _check_consistent(h: Header, payload: dict[int, bytes]) -> None:
         problems.append(f"latent shapes y={h.y_shape} z={h.z_shape}")
     if not 1 <= h.index_bits <= 32:
         problems.append(f"index width {h.index_bits}")
-    if set(payload) != {SECTION_HYPER, SECTION_Y}:
-        problems.append(f"sections {sorted(payload)}")
-    elif len(payload[SECTION_HYPER]) != -(-h.z_shape[0] * h.z_shape[1] * h.index_bits // 8):
-        problems.append(f"hyper-latent section of {len(payload[SECTION_HYPER])} bytes for {h.z_shape[0]}x{h.z_shape[1]} "
+    elif hyper_len != -(-h.z_shape[0] * h.z_shape[1] * h.index_bits // 8):
+        problems.append(f"hyper-latent section of {hyper_len} bytes for {h.z_shape[0]}x{h.z_shape[1]} "
                         f"{h.index_bits}-bit indices")
     if problems:
-        raise BitstreamError("bitstream header is inconsistent: " + "; ".join(problems))
+        raise HeaderError("bitstream header is inconsistent: " + "; ".join(problems))

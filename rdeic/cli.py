@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 
 from . import bitstream as bs
-from .errors import RdeicError
+from .errors import ImageTooLargeError, RdeicError
 
 log = logging.getLogger("rdeic")
 
@@ -62,13 +62,17 @@ def cmd_encode(args: argparse.Namespace) -> None:
 
 
 def cmd_decode(args: argparse.Namespace) -> None:
+    data = Path(args.input).read_bytes()
+    stream = bs.read(data)  # refuse a bad or oversized file before loading any model
+    try:
+        bs.check_size(stream.header, args.max_pixels)
+    except ImageTooLargeError as exc:
+        raise ImageTooLargeError(f"{exc}; to decode it anyway, pass --max-pixels {stream.header.padded_pixels}") from None
     from .images import write_image
 
-    data = Path(args.input).read_bytes()
-    stream = bs.read(data)  # refuse a bad file before loading any model
     codec = _load_codec(args)
     t0 = time.perf_counter()
-    image = codec.decompress([data], steps=args.steps, detail=args.detail)[0]
+    image = codec.decompress([data], steps=args.steps, detail=args.detail, max_pixels=args.max_pixels)[0]
     seconds = time.perf_counter() - t0
     write_image(args.output, image)
     steps = args.steps or codec.config.diffusion.default_steps
@@ -77,6 +81,7 @@ def cmd_decode(args: argparse.Namespace) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
+    """The header, read by the same parser as decode (so refused alike); nothing is decoded."""
     data = Path(args.input).read_bytes()
     stream = bs.read(data)
     h = stream.header
@@ -88,6 +93,8 @@ def cmd_info(args: argparse.Namespace) -> None:
         "model_id": h.model_id,
         "size": [h.width, h.height],
         "padded_size": [h.pad_width, h.pad_height],
+        "padded_pixels": h.padded_pixels,
+        "over_default_max_pixels": h.padded_pixels > bs.DEFAULT_MAX_PIXELS,
         "y_shape": list(h.y_shape),
         "z_shape": list(h.z_shape),
         "index_bits": h.index_bits,
@@ -97,9 +104,22 @@ def cmd_info(args: argparse.Namespace) -> None:
     }
     if args.json:
         print(json.dumps(info, indent=2))
-    else:
-        for key, value in info.items():
-            print(f"{key:15s} {value}")
+        return
+    for key, value in info.items():
+        print(f"{key:23s} {value}")
+    if info["over_default_max_pixels"]:
+        print(f"note: over the default decode limit of {bs.DEFAULT_MAX_PIXELS} padded pixels; "
+              f"decode it with --max-pixels {h.padded_pixels} if you trust its source")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
 
 
 def cmd_init_model(args: argparse.Namespace) -> None:
@@ -173,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("output")
     d.add_argument("--steps", type=int, help="denoising steps L (default: the model's, usually 2)")
     d.add_argument("--detail", type=float, default=1.0, help="λs: 0 smooth ... 1 as trained ... >1 sharper (default 1)")
+    d.add_argument("--max-pixels", type=_positive_int, default=bs.DEFAULT_MAX_PIXELS, metavar="N",
+                   help="refuse, before allocating anything, a bitstream claiming more than N padded pixels (width and "
+                        "height rounded up to multiples of 64); default 4096*4096 = %(default)s, as rdeic-job decode. "
+                        "Raise it to decode larger images: `rdeic info` shows a stream's padded pixels")
     with_model(d)
     d.set_defaults(func=cmd_decode)
 

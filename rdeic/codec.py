@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from . import bitstream as bs
 from .compression import LatentCode
-from .errors import BitstreamError, EntropyDesyncError, ImageTooLargeError, ModelMismatchError
+from .errors import BitstreamError, EntropyDesyncError, ModelMismatchError, PayloadError
 from .model import RDEIC
 from .modeldir import legacy_digest
 from .weights import ModelId, load_model
@@ -41,12 +41,8 @@ def check_image(image: np.ndarray, what: str = "image") -> np.ndarray:
     return image
 
 
-def check_size(header: bs.Header, max_pixels: int | None) -> None:
-    """Refuse a bitstream whose padded image is over ``max_pixels`` (None: no limit)."""
-    pixels = header.pad_width * header.pad_height
-    if max_pixels is not None and pixels > max_pixels:
-        raise ImageTooLargeError(f"the bitstream claims a {header.width}x{header.height} image ({pixels} padded pixels), "
-                                 f"over the decode limit of {max_pixels}")
+check_size = bs.check_size  # refuse a stream over a padded-pixel limit before decoding it
+DEFAULT_MAX_PIXELS = bs.DEFAULT_MAX_PIXELS
 
 
 def _batches(items: Sequence[int], size: int) -> Iterable[list[int]]:
@@ -177,19 +173,25 @@ class Codec:
             self._legacy_digest = legacy_digest(self.model_dir)
         return self._legacy_digest
 
-    def check_decode_args(self, steps: int | None, detail: float) -> int:
+    def check_decode_args(self, steps: int | None, detail: float, max_pixels: int | None = None) -> int:
         steps = self.config.diffusion.default_steps if steps is None else steps
         used = self.config.diffusion.used_timesteps
         if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= used:
             raise ValueError(f"steps must be an integer in [1, {used}], got {steps!r}")
         if not isinstance(detail, (int, float)) or not math.isfinite(detail):
             raise ValueError(f"detail (λs) must be a finite number, got {detail!r}")
+        if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1):
+            raise ValueError(f"max_pixels must be a positive integer (padded pixels) or None, got {max_pixels!r}")
         return steps
 
     @torch.no_grad()
-    def decompress(self, bitstreams: Sequence[bytes], steps: int | None = None, detail: float = 1.0) -> list[np.ndarray]:
-        """Decode bitstreams to RGB uint8 images; raises the first bitstream's error, if any."""
-        results = self.decompress_results(bitstreams, steps=steps, detail=detail)
+    def decompress(self, bitstreams: Sequence[bytes], steps: int | None = None, detail: float = 1.0,
+                   max_pixels: int | None = DEFAULT_MAX_PIXELS) -> list[np.ndarray]:
+        """Decode bitstreams to RGB uint8 images; raises the first bitstream's error, if any.
+
+        ``max_pixels``: see :meth:`decompress_results`.
+        """
+        results = self.decompress_results(bitstreams, steps=steps, detail=detail, max_pixels=max_pixels)
         for r in results:
             if isinstance(r, BitstreamError):
                 raise r
@@ -197,19 +199,19 @@ class Codec:
 
     @torch.no_grad()
     def decompress_results(self, bitstreams: Sequence[bytes], steps: int | None = None, detail: float = 1.0,
-                           max_pixels: int | None = None) -> list[np.ndarray | BitstreamError]:
+                           max_pixels: int | None = DEFAULT_MAX_PIXELS) -> list[np.ndarray | BitstreamError]:
         """Like :meth:`decompress`, but a bad bitstream yields its error in place of an image.
 
-        ``max_pixels`` bounds the padded size a bitstream may claim; over it, the stream is refused
-        (ImageTooLargeError) before anything is allocated for it.
+        ``max_pixels`` bounds the padded size (sides rounded up to multiples of 64) a bitstream may
+        claim; over it, the stream is refused (ImageTooLargeError) before anything is allocated for
+        it. None: no limit, for trusted streams only.
         """
-        steps = self.check_decode_args(steps, detail)
+        steps = self.check_decode_args(steps, detail, max_pixels)
         results: list[np.ndarray | BitstreamError] = [None] * len(bitstreams)  # type: ignore[list-item]
         groups: dict[tuple[int, int], list[tuple[int, bs.Bitstream]]] = defaultdict(list)
         for i, data in enumerate(bitstreams):
             try:
-                stream = self.parse(data)
-                check_size(stream.header, max_pixels)
+                stream = self._accept(data, max_pixels)
             except BitstreamError as exc:
                 results[i] = exc
                 continue
@@ -222,6 +224,16 @@ class Codec:
                 for (i, _), image in zip(batch, images):
                     results[i] = image
         return results
+
+    def _accept(self, data: bytes, max_pixels: int | None) -> bs.Bitstream:
+        """Parse, check the size, then the indices (unpacked only once the size is known to be acceptable)."""
+        stream = self.parse(data)
+        check_size(stream.header, max_pixels)
+        codes = self.config.compression.codebook_size
+        largest = int(stream.hyper_indices.max())
+        if largest >= codes:  # possible when the codebook size is not a power of two
+            raise PayloadError(f"bitstream holds hyper-latent index {largest}, the model's codebook has {codes} codes")
+        return stream
 
     def _decode_batch(self, streams: list[bs.Bitstream], steps: int, detail: float) -> list[np.ndarray | BitstreamError]:
         codes = [LatentCode(s.hyper_indices, s.y, s.header.y_shape, s.header.symbols_crc) for s in streams]

@@ -43,3 +43,15 @@ class EntropyDesyncError(BitstreamError):
 
 class ImageTooLargeError(BitstreamError):
     """The bitstream claims an image over the decoder's pixel limit: refused before any allocation."""
+
+
+class SectionTableError(BitstreamError):
+    """The section table is not the format's: a wrong count, an unknown, repeated or misplaced tag."""
+
+
+class HeaderError(BitstreamError):
+    """A header field holds a value the format does not allow, or one that contradicts another field."""
+
+
+class PayloadError(BitstreamError):
+    """A section holds values the model cannot have written, e.g. a codebook index past the codebook's end."""

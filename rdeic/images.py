@@ -8,6 +8,7 @@ import os
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .bitstream import padded
 from .errors import RdeicError
 
 
@@ -28,7 +29,8 @@ class ImageReadError(RdeicError, ValueError):
 def to_rgb(img: Image.Image) -> np.ndarray:
     """Apply EXIF orientation and convert any mode (L, P, RGBA, CMYK, I;16 ...) to RGB uint8.
 
-    Alpha is composited over white; 16-bit and float modes are scaled to 8 bits.
+    Alpha is composited over white; 16-bit, 32-bit and float modes are scaled to 8 bits from the
+    range their values use (see :func:`_peak`), or refused (``unsupported_mode``).
     """
     img = ImageOps.exif_transpose(img)
     try:
@@ -38,14 +40,11 @@ def to_rgb(img: Image.Image) -> np.ndarray:
 
 
 def _convert(img: Image.Image) -> np.ndarray:
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if arr.max() > 255 or img.mode.startswith("I;16") else 255.0
+        peak = 65535.0 if img.mode.startswith("I;16") else _peak(arr, img.mode)
         arr = np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return np.repeat(arr[..., None], 3, axis=2)
-    if img.mode == "F":
-        arr = np.clip(np.asarray(img, dtype=np.float64), 0, 1) * 255.0 + 0.5
-        return np.repeat(arr.astype(np.uint8)[..., None], 3, axis=2)
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -55,17 +54,45 @@ def _convert(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 
+def _peak(arr: np.ndarray, mode: str) -> float:
+    """The white of a 32-bit integer or float image, from the range its values actually use:
+    [0, 1] (float), [0, 255] or [0, 65535]. Anything else has no meaning we can know: refused."""
+    lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+    if not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0 or hi > 65535:
+        raise ValueError(f"its values span [{lo:g}, {hi:g}], not a range of 8-bit, 16-bit or [0, 1] samples")
+    for peak in ((1.0,) if mode == "F" else ()) + (255.0, 65535.0):
+        if hi <= peak:
+            return peak
+    return 65535.0
+
+
+MAX_ASPECT = 256  # long side : short side; beyond, a "photo" is a line, and padding multiplies its cost
+
+
+def check_size(width: int, height: int, max_pixels: int | None) -> None:
+    """Refuse sizes the codec would pay too much for: it computes on sides padded to multiples of 64."""
+    pixels = padded(width) * padded(height)
+    if max_pixels is not None and pixels > max_pixels:
+        raise ImageReadError(f"image is {width}x{height}: {pixels} pixels once padded to multiples of 64, over the "
+                             f"limit of {max_pixels}", "too_large")
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        raise ImageReadError(f"image is {width}x{height}: its aspect ratio is over {MAX_ASPECT}:1", "too_large")
+
+
 def open_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
-    """Open image bytes, refusing anything over ``max_pixels`` before decoding pixels."""
+    """Open image bytes, refusing anything over ``max_pixels`` (padded, see :func:`check_size`) or of an
+    extreme aspect ratio before decoding pixels."""
     try:
         img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise ImageReadError("not a recognised image format", "unrecognised_image") from None
     except Image.DecompressionBombError as exc:
         raise ImageReadError(f"refused as a decompression bomb: {exc}", "too_large") from None
-    w, h = img.size
-    if max_pixels is not None and w * h > max_pixels:
-        raise ImageReadError(f"image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}", "too_large", img.format)
+    try:
+        check_size(*img.size, max_pixels)
+    except ImageReadError as exc:
+        exc.image_format = img.format
+        raise
     try:
         img.load()
     except Image.DecompressionBombError as exc:  # GIF frames and a few other formats are checked here

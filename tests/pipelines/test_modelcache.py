@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.modelcache import localize_model, remote_model_id
-from pipelines.storage import StorageOptions
+from pipelines.storage import StorageOptions, filesystem
 from rdeic.errors import ModelFormatError
 from rdeic.modeldir import model_id_of
 
@@ -88,3 +88,55 @@ def test_remote_model_without_id_file_is_downloaded_once_to_compute_it(s3, tiny_
     cached = Path(localize_model(url, opts))
     (cached / "marker").touch()
     assert localize_model(url, opts) == str(cached) and (cached / "marker").exists()
+
+
+def _cache_is_empty(root: Path) -> bool:
+    return not (root / "models").exists() or not list((root / "models").iterdir())
+
+
+@pytest.mark.parametrize("present", [(), ("config.json",), ("config.json", ID_FILE),
+                                     ("config.json", ID_FILE, "model.safetensors")])
+def test_missing_remote_model_names_the_url_and_file_and_caches_nothing(s3, tiny_model_dir, tmp_path, monkeypatch, present):
+    fs, bucket, _ = s3
+    for name in present:
+        fs.put(str(tiny_model_dir / name), f"{bucket}/m/{name}")
+    url, opts = f"s3://{bucket}/m", StorageOptions.from_env()
+    monkeypatch.setenv("RDEIC_CACHE", str(tmp_path))
+    calls = [localize_model] if ID_FILE in present else [remote_model_id, localize_model]  # an id needs no weights
+    for call in calls:
+        with pytest.raises(ModelFormatError) as info:
+            call(url, opts)
+        message = str(info.value)
+        assert "\n" not in message and url in message and "is missing" in message, message
+    assert _cache_is_empty(tmp_path)
+
+
+def test_missing_bucket_names_the_url(s3, tmp_path):
+    _, bucket, _ = s3
+    url = f"s3://{bucket}-absent/m"
+    for call in (remote_model_id, localize_model):
+        with pytest.raises(ModelFormatError) as info:
+            call(url, StorageOptions.from_env(), **({"cache_root": str(tmp_path)} if call is localize_model else {}))
+        assert url in str(info.value) and "\n" not in str(info.value)
+    assert _cache_is_empty(tmp_path)
+
+
+def test_a_download_failing_midway_leaves_nothing_in_the_cache(s3, tiny_model_dir, tmp_path, monkeypatch):
+    fs, bucket, _ = s3
+    upload(fs, tiny_model_dir, f"{bucket}/m")
+    url, opts = f"s3://{bucket}/m", StorageOptions.from_env()
+    remote, _ = filesystem(url, opts)  # the instance localize_model gets (fsspec caches them)
+    real = remote.get_file
+    calls = []
+
+    def flaky(rpath, lpath, **kwargs):
+        calls.append(rpath)
+        if len(calls) == 2:
+            Path(lpath).write_bytes(b"partial")
+            raise OSError("connection reset")
+        return real(rpath, lpath, **kwargs)
+
+    monkeypatch.setattr(remote, "get_file", flaky)
+    with pytest.raises(OSError, match=rf"{url}/\S+ failed: connection reset"):
+        localize_model(url, opts, cache_root=str(tmp_path))
+    assert _cache_is_empty(tmp_path)

@@ -192,3 +192,37 @@ def test_original_format_is_always_a_pil_format_name(files, expected):
 def test_original_format_falls_back_to_the_upper_cased_extension(monkeypatch):
     monkeypatch.setattr(samples, "IMAGE_EXTENSIONS", ("xyz",))
     assert prepare(_sample(xyz=b"garbage"), LIMIT).original_format == "XYZ"
+
+
+def test_float_and_32_bit_images_use_the_range_their_values_span():
+    floats = np.linspace(6, 201, 24 * 32, dtype=np.float32).reshape(24, 32)  # a float TIFF holding 8-bit values
+    buf = io.BytesIO()
+    Image.fromarray(floats, mode="F").save(buf, format="TIFF")
+    p = prepare(_sample(tif=buf.getvalue()), LIMIT)
+    assert p.error is None and p.mode == "F"
+    assert int(p.image.min()) == 6 and int(p.image.max()) == 201  # not clipped to [0, 1] and so all white
+    unit = np.full((8, 8), 0.5, dtype=np.float32)
+    buf = io.BytesIO()
+    Image.fromarray(unit, mode="F").save(buf, format="TIFF")
+    assert int(prepare(_sample(tif=buf.getvalue()), LIMIT).image.max()) == 128  # [0, 1] floats
+    odd = np.full((8, 8), -3.0, dtype=np.float32)
+    buf = io.BytesIO()
+    Image.fromarray(odd, mode="F").save(buf, format="TIFF")
+    p = prepare(_sample(tif=buf.getvalue()), LIMIT)
+    assert p.error_code == "unsupported_mode" and "[-3, -3]" in p.error
+
+
+def test_animations_record_their_frame_count(rgb):
+    frames = [Image.fromarray(np.roll(rgb, k, axis=1)) for k in range(3)]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
+    p = prepare(_sample(gif=buf.getvalue()), LIMIT)
+    assert p.error is None and p.frames == 3
+    assert prepare(_sample(png=encode(rgb, "PNG")), LIMIT).frames == 1
+
+
+def test_the_image_is_found_by_the_last_part_of_a_compound_extension(rgb):
+    p = prepare(_sample(**{"in.name.jpg": encode(rgb, "JPEG"), "json": b"{}"}), LIMIT)
+    assert p.error is None and p.original_format == "JPEG" and json.loads(p.meta_json) == {"json": "{}"}
+    p = prepare(_sample(png=encode(rgb, "PNG"), **{"seg.png": encode(rgb, "PNG")}), LIMIT)
+    assert p.error is None and "seg.png" in json.loads(p.meta_json)  # the plain extension wins; the mask is a sidecar

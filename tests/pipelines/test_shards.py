@@ -14,7 +14,9 @@ from tests.helpers import write_shard
 def test_split_name():
     assert split_name("a/b/000123.seg.png") == ("a/b/000123", "seg.png")
     assert split_name("x.jpg") == ("x", "jpg")
-    assert split_name("noext") == ("noext", "")
+    assert split_name("noext") == ("noext", None)  # WebDataset cannot name these: a sample of its own, in error
+    assert split_name("dir/.hidden.jpg") == ("dir/.hidden.jpg", None)
+    assert split_name("a.b/c.d.jpg") == ("a.b/c", "d.jpg")
 
 
 def _tar(members: list[tuple[str, bytes]]) -> bytes:
@@ -184,3 +186,12 @@ def test_storage_errors_propagate_to_retry_the_shard():
     data = _tar([(f"k{i}.jpg", bytes(2000)) for i in range(5)])
     with pytest.raises(ValueError, match="closed file"):
         list(ShardReader(Failing(data)))
+
+
+def test_names_webdataset_cannot_split_are_samples_of_their_own_in_error():
+    data = _tar([(".hidden.jpg", b"1"), ("noext", b"2"), ("dot.in.name.jpg", b"3"), ("dir/.x.png", b"4")])
+    samples = list(ShardReader(io.BytesIO(data)))
+    got = [(s.key, s.error_code, sorted(s.files), sorted(s.bad_members)) for s in samples]
+    assert got == [(".hidden.jpg", "bad_name", [], [""]), ("noext", "bad_name", [], [""]),
+                   ("dot", None, ["in.name.jpg"], []), ("dir/.x.png", "bad_name", [], [""])]
+    assert "is not named <key>.<extension>" in samples[0].error

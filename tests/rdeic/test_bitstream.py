@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
+
 import numpy as np
 import pytest
 
@@ -11,7 +14,9 @@ from rdeic.errors import (
     BitstreamError,
     ChecksumError,
     EntropyDesyncError,
+    HeaderError,
     ModelMismatchError,
+    SectionTableError,
     TruncatedError,
     UnsupportedVersionError,
 )
@@ -123,3 +128,79 @@ def test_hyper_section_length_is_checked_by_the_parser():
     # 2x2 indices of 10 bits need 5 bytes: info and decode must refuse the same streams
     with pytest.raises(BitstreamError, match="hyper-latent section of 3 bytes"):
         bs.read(bs.write(_header(), b"\x00" * 3, b"y"))
+
+
+# ---------------------------------------------------------------- hostile headers (CRC always valid)
+def _with_crc(body: bytes) -> bytes:
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def _with_table(table: list[tuple[int, int]], payload: bytes, header: bs.Header | None = None) -> bytes:
+    """A stream with any section table after a valid header; write() ends with 2 one-byte-length entries."""
+    head = bs.write(header or _header(), b"", b"")[: -4 - 5]
+    entries = b"".join(bytes([tag]) + bs._varint(n) for tag, n in table)
+    return _with_crc(head + bytes([len(table)]) + entries + payload)
+
+
+HYPER, Y = b"\x00" * 5, b"y"
+MAX_SIDE = 1 << 20  # docs/codec.md: an image side is at most 2**20
+
+
+@pytest.mark.parametrize(
+    "table, payload, message",
+    [
+        ([(2, 1), (1, 5)], Y + HYPER, "section 2 at position 1, expected 1"),
+        ([(1, 5), (1, 5)], HYPER + HYPER, "section 1 twice"),
+        ([(2, 1), (2, 1)], Y + Y, "section 2 at position 1, expected 1"),
+        ([(1, 5), (2, 1), (2, 1)], HYPER + Y + Y, "3 sections, expected 2"),
+        ([(1, 5), (1, 5), (2, 1)], HYPER + HYPER + Y, "3 sections, expected 2"),
+        ([(1, 5)], HYPER, "1 sections, expected 2"),
+        ([], b"", "0 sections, expected 2"),
+        ([(1, 5), (3, 1)], HYPER + Y, "unknown section tag 3"),
+        ([(0, 5), (2, 1)], HYPER + Y, "unknown section tag 0"),
+    ],
+)
+def test_section_table_must_be_the_canonical_one(table, payload, message):
+    with pytest.raises(SectionTableError, match=message):
+        bs.read(_with_table(table, payload))
+
+
+@pytest.mark.parametrize("lengths", [(2**62, 1), (5, 2**62), (2**63 - 1, 2**63 - 1), (6, 1), (5, 2)])
+def test_section_lengths_are_bounded_by_the_bytes_present(lengths):
+    with pytest.raises(TruncatedError, match="sections claim"):
+        bs.read(_with_table([(1, lengths[0]), (2, lengths[1])], HYPER + Y))
+
+
+def _resized(width: int, height: int) -> bytes:
+    return forged_size(bs.write(_header(index_bits=1), b"\x00", b"y"), width, height)
+
+
+def test_sizes_are_bounded_by_what_the_fields_mean():
+    assert bs.read(_resized(MAX_SIDE, 64)).header.width == MAX_SIDE
+    for width, height in [(MAX_SIDE + 1, 64), (64, MAX_SIDE + 64), (2**40, 64)]:
+        with pytest.raises(HeaderError, match="over its limit"):
+            bs.read(_resized(width, height))
+    with pytest.raises(HeaderError, match="image size 0x"):
+        bs.read(bs.write(_header(width=0, pad_width=0, y_shape=(8, 0), z_shape=(2, 0)), b"", b"y"))
+
+
+def test_overlong_varints_are_refused():
+    data = bs.write(_header(), HYPER, Y)
+    start = 4 + 2 + 1 + 8  # magic, version and name length, name "m", model hash: width (100) comes next
+    assert data[start] == 100
+    overlong = _with_crc(data[:start] + bytes([100 | 0x80, 0]) + data[start + 1: -4])
+    with pytest.raises(HeaderError, match="not minimally encoded"):
+        bs.read(overlong)
+    endless = _with_crc(data[:start] + b"\xff" * 20 + data[start + 1: -4])
+    with pytest.raises(HeaderError):
+        bs.read(endless)
+
+
+def forged_size(data: bytes, width: int, height: int) -> bytes:
+    """``data`` claiming another image size, every other field consistent (CRC, shapes, hyper section length)."""
+    stream = bs.read(data)
+    pw, ph = bs.padded(width), bs.padded(height)
+    z_shape = (ph // 64, pw // 64)
+    header = _header_from(stream.header, width=width, height=height, pad_width=pw, pad_height=ph,
+                          y_shape=(ph // 16, pw // 16), z_shape=z_shape)
+    return bs.write(header, bytes(-(-z_shape[0] * z_shape[1] * header.index_bits // 8)), stream.y)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import sys
 
@@ -11,8 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from rdeic import bitstream as bs
 from rdeic.cli import main
 from tests.helpers import random_image
+from tests.rdeic.test_bitstream import _with_table, forged_size
 
 
 @pytest.fixture
@@ -50,12 +53,22 @@ def test_decode_errors_are_one_line_without_traceback(tiny_model_dir, png, tmp_p
     stream = tmp_path / "a.rdeic"
     assert main(["encode", str(png), str(stream), "--model", str(tiny_model_dir)]) == 0
     make(stream)
-    proc = subprocess.run(
-        [sys.executable, "-m", "rdeic.cli", "decode", str(stream), str(tmp_path / "o.png"), "--model", str(tiny_model_dir)],
-        capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=120,
-    )
-    assert proc.returncode == 2
+    _assert_one_line_error(_run_cli("decode", stream, tmp_path / "o.png", "--model", tiny_model_dir), message)
+
+
+def _run_cli(*args, memory_cap: int | None = None) -> subprocess.CompletedProcess:
+    """``rdeic ARGS`` in a child process, its address space capped at ``memory_cap`` bytes if given."""
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (memory_cap, memory_cap))
+
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "rdeic.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=120, preexec_fn=cap if memory_cap else None)
+
+
+def _assert_one_line_error(proc: subprocess.CompletedProcess, message: str) -> None:
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stderr
     assert len(lines) == 1 and lines[0].startswith("rdeic: error:") and message in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
 
@@ -82,3 +95,68 @@ def test_no_model_given(png, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("rdeic.cli.default_model", lambda: None)
     assert main(["encode", str(png), str(tmp_path / "a.rdeic")]) == 2
     assert "no model given" in capsys.readouterr().err
+
+
+@pytest.fixture
+def huge(tiny_codec, rng, tmp_path):
+    """A 2.4 MB stream claiming 100000x100000 pixels, valid in every other respect."""
+    path = tmp_path / "huge.rdeic"
+    path.write_bytes(forged_size(tiny_codec.compress([random_image(rng, 64, 64)])[0], 100_000, 100_000))
+    return path
+
+
+def test_decode_refuses_a_huge_claimed_size_before_allocating(huge, tiny_model_dir, tmp_path):
+    proc = _run_cli("decode", huge, tmp_path / "o.png", "--model", tiny_model_dir, memory_cap=2 << 30)
+    _assert_one_line_error(proc, "over the decode limit of 16777216 padded pixels")
+    assert "--max-pixels" in proc.stderr and not (tmp_path / "o.png").exists()
+
+
+def test_decode_max_pixels_option(tiny_model_dir, png, tmp_path, capsys):
+    stream = tmp_path / "a.rdeic"  # 90x70: 128x128 = 16384 padded pixels
+    assert main(["encode", str(png), str(stream), "--model", str(tiny_model_dir)]) == 0
+    decode = ["decode", str(stream), str(tmp_path / "o.png"), "--model", str(tiny_model_dir), "--steps", "1"]
+    capsys.readouterr()
+    assert main(decode + ["--max-pixels", "16383"]) == 2
+    assert "over the decode limit of 16383" in capsys.readouterr().err
+    assert main(decode + ["--max-pixels", "16384"]) == 0
+    with pytest.raises(SystemExit):
+        main(decode + ["--max-pixels", "0"])
+    assert "positive" in capsys.readouterr().err
+    help_text = build_help("decode")
+    assert "padded" in help_text and "--max-pixels" in help_text
+
+
+def build_help(command: str) -> str:
+    from rdeic.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    return " ".join(sub.format_help().split())
+
+
+def test_info_shows_the_size_and_the_limit_without_decoding(huge, capsys):
+    assert main(["info", str(huge), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["size"] == [100_000, 100_000] and info["padded_pixels"] == 100_032 ** 2
+    assert info["over_default_max_pixels"] is True
+    assert main(["info", str(huge)]) == 0
+    out = capsys.readouterr().out
+    assert "over the default decode limit of 16777216 padded pixels" in out and "--max-pixels" in out
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda data: _with_table([(2, 1), (1, 5)], b"y" + bytes(5)), "section 2 at position 1"),
+        (lambda data: forged_size(data, bs.MAX_SIDE + 1, 64), "over its limit"),
+        (lambda data: bs.write(bs.read(data).header, bs.read(data).hyper[:-1], bs.read(data).y), "hyper-latent section of"),
+    ],
+)
+def test_info_and_decode_use_the_same_parser(tiny_codec, tiny_model_dir, rng, tmp_path, capsys, make, message):
+    path = tmp_path / "bad.rdeic"
+    path.write_bytes(make(tiny_codec.compress([random_image(rng, 64, 64)])[0]))
+    errors = []
+    for argv in (["info", str(path)], ["decode", str(path), str(tmp_path / "o.png"), "--model", str(tiny_model_dir)]):
+        assert main(argv) == 2
+        errors.append(capsys.readouterr().err)
+    assert errors[0] == errors[1] and message in errors[0]

@@ -10,7 +10,10 @@ import textwrap
 import numpy as np
 import pytest
 
+from rdeic.codec import Codec
+from rdeic.errors import ImageTooLargeError
 from tests.helpers import random_image
+from tests.rdeic.test_bitstream import forged_size
 
 
 def test_any_size_roundtrip_shapes_and_bpp(tiny_codec, rng):
@@ -68,6 +71,46 @@ def test_bad_decode_arguments_refused(tiny_codec, rng):
             tiny_codec.decompress([data], steps=steps)
     with pytest.raises(ValueError, match="detail"):
         tiny_codec.decompress([data], detail=float("nan"))
+
+
+def test_max_pixels_counts_padded_pixels(tiny_codec, rng):
+    data = tiny_codec.compress([random_image(rng, 70, 90)])[0]  # padded to 128x128 = 16384 pixels
+    with pytest.raises(ImageTooLargeError, match="over the decode limit of 16383"):
+        tiny_codec.decompress([data], steps=1, max_pixels=16383)
+    assert tiny_codec.decompress([data], steps=1, max_pixels=16384)[0].shape == (70, 90, 3)
+    assert tiny_codec.decompress([data], steps=1, max_pixels=None)[0].shape == (70, 90, 3)
+    for bad in (0, -1, 2.5, True, "16384"):
+        with pytest.raises(ValueError, match="max_pixels"):
+            tiny_codec.decompress([data], max_pixels=bad)
+
+
+def test_default_limit_refuses_before_decoding(tiny_codec, rng, monkeypatch):
+    def decode_batch(*args, **kwargs):
+        raise AssertionError("a stream over the default limit reached the decoder")
+
+    monkeypatch.setattr(Codec, "_decode_batch", decode_batch)
+    huge = forged_size(tiny_codec.compress([random_image(rng, 64, 64)])[0], 5000, 5000)
+    with pytest.raises(ImageTooLargeError, match="over the decode limit of 16777216"):
+        tiny_codec.decompress([huge])
+    assert isinstance(tiny_codec.decompress_results([huge])[0], ImageTooLargeError)
+
+
+def test_indices_past_the_codebook_are_refused(rng):
+    """A codebook of 200 codes takes 8-bit indices: a stream can name codes 200..255, which do not exist."""
+    from dataclasses import replace
+
+    from rdeic import bitstream as bs
+    from rdeic.config import load_preset
+    from rdeic.errors import PayloadError
+    from rdeic.weights import ModelId, init_model
+
+    config = load_preset("tiny")
+    config = replace(config, compression=replace(config.compression, codebook_size=200))
+    codec = Codec(init_model(config), ModelId("UNTRAINED-codebook-200", bytes(8)))
+    stream = bs.read(codec.compress([random_image(rng, 64, 64)])[0])
+    bad = bs.write(stream.header, bs.pack_indices(np.full(stream.header.z_shape, 255), 8), stream.y)
+    with pytest.raises(PayloadError, match="index 255, .* 200 codes"):
+        codec.decompress([bad])
 
 
 _SCRIPT = textwrap.dedent(
