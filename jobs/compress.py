@@ -1,7 +1,7 @@
 """``rdeic-job compress``: WebDataset shards → Parquet archive of RDEIC bitstreams, exactly once.
 
 Re-running with more shards adds them to the archive (committed shards are skipped); what must
-match between runs is checked per part: the model id, the codec version and ``--max-pixels``.
+match between runs is checked per part: the model id, the codec version and the size limits.
 """
 
 from __future__ import annotations
