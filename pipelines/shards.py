@@ -160,13 +160,21 @@ class _Tracking:
         self.recent = bytearray()
         self.head = b""  # the first bytes, to say what a stream that is not a tar holds
         self.failure: BaseException | None = None
+        self.empty_reads = 0
+
+    EMPTY_READS = 16
 
     def read(self, size: int = -1) -> bytes:
+        if self.empty_reads > self.EMPTY_READS:
+            # tarfile skips a member it is not asked to read by reading up to its header's size; a header
+            # claiming 2**62 bytes would keep it reading an ended stream for ever
+            raise EOFError("the stream ended, and tarfile keeps reading (a member claiming more bytes than there are?)")
         try:
             data = self.fileobj.read(size)
         except BaseException as exc:
             self.failure = exc  # the storage failed, not the data
             raise
+        self.empty_reads += not data and size != 0
         if len(self.head) < HEAD_BYTES:
             self.head += data[: HEAD_BYTES - len(self.head)]
         self.position += len(data)

@@ -195,3 +195,26 @@ def test_names_webdataset_cannot_split_are_samples_of_their_own_in_error():
     assert got == [(".hidden.jpg", "bad_name", [], [""]), ("noext", "bad_name", [], [""]),
                    ("dot", None, ["in.name.jpg"], []), ("dir/.x.png", "bad_name", [], [""])]
     assert "is not named <key>.<extension>" in samples[0].error
+
+
+def _claim_size(data: bytes, size: int) -> bytes:
+    """The first member's header with another size (base-256, as GNU tar writes huge ones) and its checksum."""
+    header = bytearray(data[:512])
+    header[124:136] = bytes([0x80]) + size.to_bytes(11, "big")
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\x00 " % sum(header)
+    return bytes(header) + data[512:]
+
+
+def test_a_header_claiming_an_endless_member_ends_the_shard_at_once(tmp_path):
+    import subprocess
+    import sys
+
+    shard = tmp_path / "s.tar"
+    shard.write_bytes(_claim_size(_tar([("a.jpg", b"0123456789"), ("b.jpg", b"x")]), 1 << 62))
+    script = ("import sys; from pipelines.shards import ShardReader\n"
+              "r = ShardReader(open(sys.argv[1], 'rb')); s = list(r)\n"
+              "print([(x.key, x.error_code) for x in s], r.error is not None)")
+    done = subprocess.run([sys.executable, "-c", script, str(shard)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[('a', 'too_large')] True"  # refused by its size, then the stream ends: damage
