@@ -26,6 +26,7 @@ import copy
 import math
 import zlib
 from dataclasses import dataclass, field
+from typing import Mapping
 
 import numpy as np
 import torch
@@ -35,6 +36,7 @@ from torch import nn
 
 from . import checkerboard as ckbd
 from .config import CompressionConfig
+from .errors import ModelFormatError
 from .layers import (
     ChannelContext,
     EntropyParameters,
@@ -46,6 +48,10 @@ from .layers import (
 from .vq import CodebookQuantizer
 
 ENTROPY_TABLE_KEYS = ("_quantized_cdf", "_offset", "_cdf_length", "scale_table")
+CDF_PRECISION = 16  # compressai's rANS coder: every CDF row ends at 2**16
+# The coder's escape code loops forever on values of 2**27 or more away from a row's offset;
+# no sane latent comes near this.
+MAX_SYMBOL = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -80,8 +86,97 @@ def entropy_buffers(config: CompressionConfig) -> dict[str, torch.Tensor]:
     return dict(gc.state_dict())
 
 
+def check_entropy_tables(tables: Mapping[str, torch.Tensor], config: CompressionConfig,
+                         where: str = "entropy tables") -> None:
+    """Refuse tables that compressai's rANS coder cannot use safely, with one line naming ``where``.
+
+    The coder is C++ with its asserts compiled out: a zero frequency divides by zero (SIGFPE), a
+    row index past the table reads out of bounds (SIGSEGV), and an offset far from the symbols
+    sends its escape code into an endless loop. So every property it relies on is checked here.
+    """
+    problem = _layout_problem(tables, config.scale_levels)
+    problem = problem or _scale_table_problem(tables["scale_table"], config) or _cdf_problem(tables)
+    if problem:
+        raise ModelFormatError(f"{where}: {problem}")
+
+
+def _layout_problem(tables: Mapping[str, torch.Tensor], rows: int) -> str | None:
+    """Keys, dtypes and shapes; ``rows`` is the length of the config's scale table."""
+    missing = [k for k in ENTROPY_TABLE_KEYS if k not in tables]
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    extra = sorted(set(tables) - set(ENTROPY_TABLE_KEYS))
+    if extra:
+        return f"holds unexpected tensors {extra}"
+    scale, cdf = tables["scale_table"], tables["_quantized_cdf"]
+    if not scale.is_floating_point():
+        return f"scale_table has dtype {str(scale.dtype).removeprefix('torch.')}, expected a floating-point type"
+    for key in ("_quantized_cdf", "_offset", "_cdf_length"):
+        if tables[key].dtype != torch.int32:
+            return f"{key} has dtype {str(tables[key].dtype).removeprefix('torch.')}, expected int32"
+    if tuple(scale.shape) != (rows,):
+        return f"scale_table has shape {tuple(scale.shape)}, but the config's scale table has {rows} (compression.scale_levels)"
+    if cdf.dim() != 2 or cdf.shape[0] != rows or cdf.shape[1] < 2:
+        return f"_quantized_cdf has shape {tuple(cdf.shape)}, expected ({rows}, width >= 2)"
+    for key in ("_offset", "_cdf_length"):
+        if tuple(tables[key].shape) != (rows,):
+            return f"{key} has shape {tuple(tables[key].shape)}, expected ({rows},)"
+    return None
+
+
+def _scale_table_problem(scale: torch.Tensor, config: CompressionConfig) -> str | None:
+    scale = scale.detach().cpu().double()
+    if not torch.isfinite(scale).all():
+        return "scale_table is not finite"
+    expected = torch.tensor(scale_table(config), dtype=torch.float64)
+    if not torch.allclose(scale, expected, rtol=1e-5, atol=0.0):  # stored float32: last-bit differences pass
+        return (f"scale_table is not the one the config implies ({config.scale_levels} scales from "
+                f"{config.scale_min} to {config.scale_max})")
+    return None
+
+
+def _first(bad: torch.Tensor) -> int:
+    return int(bad.nonzero()[0, 0])
+
+
+def _cdf_problem(tables: Mapping[str, torch.Tensor]) -> str | None:
+    """What the coder needs of each row r of length L: cdf[r, 0] = 0 < cdf[r, 1] < ... < cdf[r, L-1] = 2**16."""
+    cdf, lengths, offsets = (tables[k].detach().cpu().long() for k in ("_quantized_cdf", "_cdf_length", "_offset"))
+    width = cdf.shape[1]
+    bad = (lengths < 2) | (lengths > width)
+    if bad.any():
+        r = _first(bad)
+        return f"_cdf_length[{r}] is {int(lengths[r])}, outside [2, {width}] (the CDF width)"
+    bad = offsets.abs() > lengths
+    if bad.any():
+        r = _first(bad)
+        return f"_offset[{r}] is {int(offsets[r])}, outside [-{int(lengths[r])}, {int(lengths[r])}] (its row's length)"
+    bad = cdf[:, 0] != 0
+    if bad.any():
+        r = _first(bad)
+        return f"row {r} of _quantized_cdf starts at {int(cdf[r, 0])}, not 0"
+    ends = cdf.gather(1, (lengths - 1)[:, None])[:, 0]
+    bad = ends != 1 << CDF_PRECISION
+    if bad.any():
+        r = _first(bad)
+        return (f"row {r} of _quantized_cdf ends at {int(ends[r])} (position {int(lengths[r]) - 1}, "
+                f"its _cdf_length - 1), not {1 << CDF_PRECISION}")
+    used = torch.arange(width - 1)[None, :] < (lengths - 1)[:, None]
+    bad = ((cdf[:, 1:] <= cdf[:, :-1]) & used).any(dim=1)
+    if bad.any():
+        r = _first(bad)
+        return f"row {r} of _quantized_cdf is not increasing (a symbol would have zero frequency)"
+    return None
+
+
 def _crc_update(crc: int, values: torch.Tensor) -> int:
     return zlib.crc32(values.to(torch.int32).cpu().numpy().astype("<i4").tobytes(), crc)
+
+
+def _check_symbols(sym: torch.Tensor) -> None:
+    if not bool((sym.abs() <= MAX_SYMBOL).all()):  # NaN fails the comparison too
+        raise ModelFormatError(f"the model's latents are NaN or beyond ±{MAX_SYMBOL}, which the rANS coder cannot "
+                               "code: its weights are broken")
 
 
 def _quantize_ste(x: torch.Tensor) -> torch.Tensor:
@@ -148,9 +243,7 @@ class LatentCompression(nn.Module):
         return {k: getattr(gc, k).detach().cpu().contiguous() for k in ENTROPY_TABLE_KEYS}
 
     def load_entropy_tables(self, tables: dict[str, torch.Tensor]) -> None:
-        missing = [k for k in ENTROPY_TABLE_KEYS if k not in tables]
-        if missing:
-            raise ValueError(f"entropy tables lack {missing}")
+        check_entropy_tables(tables, self.config)
         gc = self.gaussian_conditional
         for k in ENTROPY_TABLE_KEYS:
             current = getattr(gc, k)
@@ -161,6 +254,7 @@ class LatentCompression(nn.Module):
         if not self.has_entropy_tables():
             raise RuntimeError("entropy tables are missing: call update() once after training, then save them")
         if self._cdf_lists is None:
+            check_entropy_tables(self.entropy_tables(), self.config)  # whatever set them, the coder trusts them
             gc = self.gaussian_conditional
             self._cdf_lists = (
                 gc._quantized_cdf.tolist(),
@@ -260,6 +354,7 @@ class LatentCompression(nn.Module):
         def code(values: torch.Tensor, scales: torch.Tensor, means: torch.Tensor, anchor: bool) -> torch.Tensor:
             v, s, m = (ckbd.squeeze(t, anchor) for t in (values, scales, means))
             sym = torch.round(v - m)
+            _check_symbols(sym)
             idx = gc.build_indexes(s)
             for n in range(batch):
                 symbols[n].append(sym[n].reshape(-1).to(torch.int32).cpu())

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -99,22 +100,70 @@ def _read_chunks(path: Path, start: int, end: int, size: int = 1 << 24) -> Itera
 
 def safetensors_index(path: Path) -> Tensors:
     """The tensors of a safetensors file, read lazily from its header (no torch, no unpickling)."""
+    start, header = safetensors_header(path)
+    return {name: (dtype, shape, _read_chunks(path, start + begin, start + end))
+            for name, (dtype, shape, begin, end) in header.items()}
+
+
+# bytes per element of each safetensors dtype
+DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
+               "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
+_MAX_HEADER = 100 << 20  # the limit of the safetensors library itself
+# pickle protocols 2-5 start with PROTO; torch.save writes a zip archive holding a pickle
+_PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")
+
+
+def safetensors_header(path: Path) -> tuple[int, dict[str, tuple[str, tuple[int, ...], int, int]]]:
+    """(where the data starts, {name: (dtype, shape, begin, end)}) of a safetensors file.
+
+    Checks what the safetensors library checks (sizes matching shapes, contiguous data covering the
+    rest of the file), so that ids and loading agree on which files are valid, and says what a file
+    is instead when it is not one: empty, truncated, a pickle, other bytes.
+    """
     size = path.stat().st_size
     with open(path, "rb") as f:
+        head = f.read(9)  # the header's length, u64 little-endian, then its first byte, "{"
+        n = int.from_bytes(head[:8], "little")
+        f.seek(8)
+        text = f.read(n) if len(head) == 9 and 0 < n <= min(size - 8, _MAX_HEADER) else b""
+    if size == 0:
+        raise ModelFormatError(f"{path} is empty (0 bytes), not a safetensors file")
+    if not text and head.startswith(_PICKLE_MAGIC):  # (a valid header of 640 bytes starts with 80 02 too)
+        raise ModelFormatError(f"{path} holds a pickle, not safetensors: convert it with `rdeic convert-weights`")
+    if not text:
+        cut = len(head) < 9 or (0 < n <= _MAX_HEADER and head[8:] == b"{")
+        what = f"truncated? {size} bytes" if cut else f"{size} bytes without a safetensors header"
+        raise ModelFormatError(f"{path} is not a safetensors file ({what})")
+    try:
+        header = json.loads(text)
+        if not isinstance(header, dict):
+            raise ValueError(f"a JSON {type(header).__name__}, not an object")
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ModelFormatError(f"{path} is not a safetensors file (its header is not JSON: {exc})") from None
+    header.pop("__metadata__", None)
+    return 8 + n, _tensor_entries(path, header, size, 8 + n)
+
+
+def _tensor_entries(path: Path, header: dict, size: int, start: int) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+    out = {}
+    for name, entry in header.items():
         try:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if not 0 < n <= size - 8:
-                raise ValueError(f"header length {n} in a file of {size} bytes")
-            header = json.loads(f.read(n))
-            header.pop("__metadata__", None)
-            out = {}
-            for name, entry in header.items():
-                begin, end = entry["data_offsets"]
-                if not 0 <= begin <= end <= size - 8 - n:
-                    raise ValueError(f"the data of {name} lies outside the file")
-                out[name] = (entry["dtype"], tuple(entry["shape"]), _read_chunks(path, 8 + n + begin, 8 + n + end))
-        except (struct.error, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise ModelFormatError(f"{path} is not a readable safetensors file: {exc}") from None
+            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+            if dtype not in DTYPE_SIZES or not all(type(d) is int and d >= 0 for d in shape + (begin, end)):
+                raise ValueError
+        except (KeyError, TypeError, ValueError):
+            raise ModelFormatError(f"{path} is not a safetensors file (tensor {name}: malformed entry {entry!r:.200})") from None
+        nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
+        if end - begin != nbytes:
+            raise ModelFormatError(f"{path} is not a safetensors file (tensor {name}: shape {list(shape)} of {dtype} "
+                                   f"is {nbytes} bytes, its offsets say {end - begin})")
+        out[name] = (dtype, shape, begin, end)
+    spans = sorted((begin, end) for _, _, begin, end in out.values())
+    ends = [0] + [end for _, end in spans]
+    if start + ends[-1] > size:
+        raise ModelFormatError(f"{path} is not a safetensors file (truncated? {size} bytes, its header needs {start + ends[-1]})")
+    if ends[-1] != size - start or any(begin != previous_end for (begin, _), previous_end in zip(spans, ends)):
+        raise ModelFormatError(f"{path} is not a safetensors file (its tensors do not cover its data exactly)")
     return out
 
 

@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .compression import ENTROPY_TABLE_KEYS
+from .compression import ENTROPY_TABLE_KEYS, check_entropy_tables
 from .config import ModelConfig, load_preset
 from .errors import ModelFormatError
 from .model import RDEIC
@@ -39,6 +39,7 @@ from .modeldir import (
     check_files,
     model_id_of,
     read_config,
+    safetensors_header,
     stale_id_message,
     stored_model_id,
     write_id_file,
@@ -120,6 +121,7 @@ def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], wh
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    safetensors_header(path)  # a one-line error saying what the file is, if not safetensors
     try:
         return load_file(str(path))
     except SafetensorError as exc:
@@ -135,13 +137,11 @@ def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu",
     config = read_config(d)
     check_files(d)
     stored = stored_model_id((d / ID_FILE).read_text(), config, str(d)) if (d / ID_FILE).is_file() else None
+    tables = _read_tensors(d / TABLES_FILE)
+    check_entropy_tables(tables, config.compression, where=str(d / TABLES_FILE))
     with torch.device("meta"):
         model = RDEIC(config)
     weights = _read_tensors(d / WEIGHTS_FILE)
-    tables = _read_tensors(d / TABLES_FILE)
-    missing = [k for k in ENTROPY_TABLE_KEYS if k not in tables]
-    if missing:
-        raise ModelFormatError(f"{d / TABLES_FILE} lacks entropy tables {missing}")
     # the table buffers are empty until built; give them the stored sizes before the strict load
     for key in ENTROPY_TABLE_KEYS:
         setattr(model.compression.gaussian_conditional, key, torch.empty_like(tables[key], device="meta"))

@@ -117,7 +117,7 @@ def test_model_id_of_reads_the_id_file_not_the_weights(model_copy, tmp_path):
     for name in (WEIGHTS_FILE, TABLES_FILE):
         (model_copy / name).write_bytes(b"not safetensors")
     assert model_id_of(model_copy) == stored
-    with pytest.raises(ModelFormatError, match="not a readable safetensors file"):
+    with pytest.raises(ModelFormatError, match=r"is not a safetensors file \(15 bytes without a safetensors header\)"):
         load_model(model_copy)
 
 

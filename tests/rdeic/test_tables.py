@@ -48,10 +48,10 @@ def _cut_all(rows: int):
 CORRUPTIONS = {
     "all_zero_cdf": (_replace("_quantized_cdf", torch.zeros_like), "row 0 of _quantized_cdf ends at 0"),
     "two_row_cdf": (_replace("_quantized_cdf", lambda v: v[:2].clone()), "_quantized_cdf has shape (2, 3133)"),
-    "two_rows_everywhere": (_cut_all(2), "2 rows, but the config's scale table has 64"),
+    "two_rows_everywhere": (_cut_all(2), "scale_table has shape (2,), but the config's scale table has 64"),
     "offsets_minus_1e9": (_replace("_offset", lambda v: torch.full_like(v, -10**9)), "_offset[0] is -1000000000"),
     "nan_scale_table": (_set("scale_table", 5, math.nan), "scale_table is not finite"),
-    "decreasing_scale_table": (_set("scale_table", 5, 0.01), "scale_table is not strictly increasing"),
+    "decreasing_scale_table": (_set("scale_table", 5, 0.01), "scale_table is not the one the config implies"),
     "other_scale_table": (_replace("scale_table", lambda v: v * 2), "scale_table is not the one the config implies"),
     "non_monotone_row": (_set("_quantized_cdf", (3, 2), 0), "row 3 of _quantized_cdf is not increasing"),
     "flat_row": (_set("_quantized_cdf", (3, 2), 1), "row 3 of _quantized_cdf is not increasing"),
@@ -64,7 +64,7 @@ CORRUPTIONS = {
     "2d_lengths": (_replace("_cdf_length", lambda v: v.reshape(8, 8).clone()), "_cdf_length has shape (8, 8)"),
     "float_cdf": (_replace("_quantized_cdf", lambda v: v.float()), "_quantized_cdf has dtype float32, expected int32"),
     "int64_offsets": (_replace("_offset", lambda v: v.long()), "_offset has dtype int64, expected int32"),
-    "narrow_cdf": (_replace("_quantized_cdf", lambda v: v[:, :4].clone()), "_cdf_length[3] is 5, outside [2, 4]"),
+    "narrow_cdf": (_replace("_quantized_cdf", lambda v: v[:, :4].clone()), "_cdf_length[0] is 5, outside [2, 4]"),
     "missing_key": (lambda t: t.pop("_offset"), "lacks _offset"),
     "extra_key": (lambda t: t.update(extra=torch.zeros(1)), "holds unexpected tensors ['extra']"),
 }
@@ -97,7 +97,7 @@ def test_bundled_demo_tables_pass():
     tables = load_file(str(DEMO / TABLES_FILE))
     t0 = time.perf_counter()
     check_entropy_tables(tables, read_config(DEMO).compression)
-    assert time.perf_counter() - t0 < 0.1
+    assert time.perf_counter() - t0 < 0.5
 
 
 @pytest.mark.parametrize("name", sorted(CORRUPTIONS))
@@ -121,12 +121,12 @@ def test_tables_loaded_into_a_module_are_checked_too(tiny_model_dir):
         model.compression.load_entropy_tables(tables)
 
 
-def test_tables_changed_in_memory_never_reach_the_coder(tiny_model_dir, rng):
+def test_tables_changed_in_memory_never_reach_the_coder(tiny_model_dir):
     model, _ = load_model(tiny_model_dir)
-    model.compression.gaussian_conditional._offset.fill_(-10**9)
+    model.compression.gaussian_conditional._quantized_cdf[3, 4] = 65535  # wrong, but would not crash the coder
     model.compression._cdf_lists = None
     feat = torch.randn(1, model.config.compression.in_channels, 8, 8)
-    with pytest.raises(ModelFormatError, match=r"_offset\[0\] is -1000000000"):
+    with pytest.raises(ModelFormatError, match="row 3 of _quantized_cdf ends at 65535"):
         model.compression.compress(feat)
 
 
@@ -145,3 +145,26 @@ def test_cli_on_corrupt_tables_exits_2_without_a_signal_or_a_hang(model_copy, tm
     assert proc.returncode >= 0, f"killed by signal {-proc.returncode}"
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
+
+
+_HUGE_LATENTS = """
+import sys, torch
+from rdeic.weights import init_model
+module = init_model("tiny").compression
+with torch.no_grad():
+    for p in module.g_a.parameters():
+        p.mul_(float(sys.argv[1]))
+module.compress(torch.randn(1, module.config.in_channels, 8, 8))
+"""
+
+
+@pytest.mark.parametrize("factor", ["nan", "1e6"])
+def test_latents_beyond_the_coders_range_are_refused_without_a_hang(factor):
+    """The coder's escape code never ends on values of 2**27 or more (NaN becomes -2**31)."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    try:
+        proc = subprocess.run([sys.executable, "-c", _HUGE_LATENTS, factor], capture_output=True, text=True, env=env,
+                              timeout=60, cwd=Path(__file__).resolve().parents[2])
+    except subprocess.TimeoutExpired:
+        pytest.fail("compress hung for 60 s")
+    assert proc.returncode == 1 and "ModelFormatError: the model's latents are NaN or beyond" in proc.stderr, proc.stderr

@@ -93,3 +93,89 @@ def test_sd21_builds_with_the_published_sizes():
     assert ctrl.conv_in.weight.shape == (64, 260, 3, 3)  # 0.2 x 320 channels on concat(x_t, hint)
     assert len(ctrl.enc_zero_convs) == 12 and len(ctrl.dec_zero_convs) == 12 and ctrl.scales.numel() == 25
     assert model.compression.quantizer.embedding.weight.shape == (16384, 256)
+
+
+def _header_only(header: dict, data: bytes) -> bytes:
+    text = json.dumps(header).encode()
+    return len(text).to_bytes(8, "little") + text + data
+
+
+def _torch_save(_path) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    torch.save({"w": torch.zeros(3)}, buf)
+    return buf.getvalue()
+
+
+# what a broken safetensors file holds instead -> what its one-line error says after the file's path
+BROKEN_FILES = {
+    "truncated": (lambda p: p.read_bytes()[: p.stat().st_size // 2], r" is not a safetensors file \(truncated\? \d+ bytes"),
+    "header_cut": (lambda p: p.read_bytes()[:40], r" is not a safetensors file \(truncated\? 40 bytes"),
+    "length_cut": (lambda p: p.read_bytes()[:5], r" is not a safetensors file \(truncated\? 5 bytes"),
+    "random": (lambda p: np.random.default_rng(5).bytes(4096), r" is not a safetensors file \(4096 bytes without a safetensors header\)"),
+    "empty": (lambda p: b"", r" is empty \(0 bytes\), not a safetensors file"),
+    "pickle": (lambda p: __import__("pickle").dumps({"w": [1.0, 2.0]}), r" holds a pickle, not safetensors: convert it with `rdeic convert-weights`"),
+    "torch_save": (_torch_save, r" holds a pickle, not safetensors: convert it with `rdeic convert-weights`"),
+    "offsets_past_end": (lambda p: _header_only({"x": {"dtype": "F32", "shape": [1000], "data_offsets": [0, 4000]}}, bytes(16)),
+                         r" is not a safetensors file \(truncated\? \d+ bytes, its header needs \d+\)"),
+    "header_not_json": (lambda p: (9).to_bytes(8, "little") + b'{"x": 1,}', r" is not a safetensors file \(its header is not JSON"),
+    "size_mismatch": (lambda p: _header_only({"x": {"dtype": "F32", "shape": [10], "data_offsets": [0, 8]}}, bytes(8)),
+                      r" is not a safetensors file \(tensor x: shape \[10\] of F32 is 40 bytes, its offsets say 8\)"),
+}
+
+
+@pytest.mark.parametrize("file", [WEIGHTS_FILE, "entropy_tables.safetensors"])
+@pytest.mark.parametrize("kind", sorted(BROKEN_FILES))
+def test_broken_safetensors_files_are_refused_in_one_line(tiny_model_dir, tmp_path, file, kind):
+    import re
+    import shutil
+
+    from rdeic.modeldir import compute_model_id
+
+    make, message = BROKEN_FILES[kind]
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_model_dir, bad)
+    (bad / file).write_bytes(make(bad / file))
+    for load in (load_model, compute_model_id):  # with torch and safetensors, and the driver's way without
+        with pytest.raises(ModelFormatError) as info:
+            load(bad)
+        text = str(info.value)
+        assert "\n" not in text and re.match(re.escape(str(bad / file)) + message, text), text
+
+
+@pytest.mark.parametrize("command", ["encode", "decode", "model-id"])
+def test_cli_with_a_broken_model_dir_exits_2_with_one_line(tiny_model_dir, tmp_path, rng, command):
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    image, stream = tmp_path / "in.png", tmp_path / "a.rdeic"
+    Image.fromarray(random_image(rng, 64, 64)).save(image)
+    stream.write_bytes(Codec.load(tiny_model_dir).compress([np.asarray(Image.open(image))])[0])
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_model_dir, bad)
+    (bad / WEIGHTS_FILE).write_bytes((bad / WEIGHTS_FILE).read_bytes()[:1000])
+    args = {"encode": ["encode", image, tmp_path / "o.rdeic", "--model", bad],
+            "decode": ["decode", stream, tmp_path / "o.png", "--model", bad],
+            "model-id": ["model-id", bad, "--write"]}[command]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "rdeic.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=120)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"rdeic: error: {bad / WEIGHTS_FILE} is not a safetensors file (truncated? 1000 bytes"), proc.stderr
+
+
+def test_a_header_that_starts_like_a_pickle_is_still_safetensors(tmp_path):
+    from rdeic.modeldir import safetensors_index
+
+    text = json.dumps({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
+    path = tmp_path / "t.safetensors"
+    path.write_bytes((640).to_bytes(8, "little") + text.ljust(640) + bytes(8))
+    assert path.read_bytes()[:2] == b"\x80\x02"  # pickle protocol 2's first opcode
+    assert load_file(str(path))["x"].tolist() == [0.0, 0.0]
+    assert [dtype for dtype, _, _ in safetensors_index(path).values()] == ["F32"]
