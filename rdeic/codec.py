@@ -43,6 +43,18 @@ def check_image(image: np.ndarray, what: str = "image") -> np.ndarray:
 
 check_size = bs.check_size  # refuse a stream over a padded-pixel limit before decoding it
 DEFAULT_MAX_PIXELS = bs.DEFAULT_MAX_PIXELS
+# compressai's rANS decoder (C++) checks no bounds. Its escape code reads 15 more raw nibbles for every
+# 0xF nibble it meets, so a run of 0xFF bytes in a y section sends it gigabytes past its buffer; the
+# encoder writes pseudo-random 32-bit words and never such a run.
+MAX_FF_RUN = 16
+
+
+def _check_y(y: bytes) -> None:
+    """Refuse a y section the encoder cannot have written and the decoder cannot read safely (see MAX_FF_RUN)."""
+    if len(y) < 8 or len(y) % 4:
+        raise PayloadError(f"bitstream y section has {len(y)} bytes, not an rANS stream (whole 32-bit words, at least 2)")
+    if b"\xff" * MAX_FF_RUN in y:
+        raise PayloadError(f"bitstream y section holds a run of {MAX_FF_RUN} bytes 0xFF, which no encoder writes")
 
 
 def _batches(items: Sequence[int], size: int) -> Iterable[list[int]]:
@@ -226,17 +238,29 @@ class Codec:
         return results
 
     def _accept(self, data: bytes, max_pixels: int | None) -> bs.Bitstream:
-        """Parse, check the size, then the indices (unpacked only once the size is known to be acceptable)."""
+        """Parse, check the size, then the payload (the indices are unpacked only once the size is acceptable)."""
         stream = self.parse(data)
         check_size(stream.header, max_pixels)
         codes = self.config.compression.codebook_size
         largest = int(stream.hyper_indices.max())
         if largest >= codes:  # possible when the codebook size is not a power of two
             raise PayloadError(f"bitstream holds hyper-latent index {largest}, the model's codebook has {codes} codes")
+        _check_y(stream.y)
         return stream
 
+    def _latent_code(self, stream: bs.Bitstream) -> LatentCode:
+        """The stream's code, its y bytes followed by zeros that keep a damaged stream's decoding in bounds.
+
+        When a y section ends early (damaged or forged), the decoder reads on: one 32-bit word per symbol
+        at most, and, with runs of 0xFF refused (:func:`_check_y`), a few escape codes' worth more
+        (tests/rdeic/test_bitstream_fuzz.py checks this). A valid stream never reaches the zeros.
+        """
+        h = stream.header
+        symbols = self.config.compression.M * h.y_shape[0] * h.y_shape[1]
+        return LatentCode(stream.hyper_indices, stream.y + bytes(4 * symbols + (64 << 10)), h.y_shape, h.symbols_crc)
+
     def _decode_batch(self, streams: list[bs.Bitstream], steps: int, detail: float) -> list[np.ndarray | BitstreamError]:
-        codes = [LatentCode(s.hyper_indices, s.y, s.header.y_shape, s.header.symbols_crc) for s in streams]
+        codes = [self._latent_code(s) for s in streams]
         latents = self.model.compression.decompress(codes)
         z_c, hint = latents.z_c, latents.guide_hint
         ok = [k for k, (s, crc) in enumerate(zip(streams, latents.symbols_crc)) if crc == s.header.symbols_crc]

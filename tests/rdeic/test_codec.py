@@ -113,6 +113,57 @@ def test_indices_past_the_codebook_are_refused(rng):
         codec.decompress([bad])
 
 
+@pytest.mark.parametrize("y", [bytes(8), b"\x5a" * 12])
+def test_the_entropy_decoder_never_reads_past_the_bytes_it_is_given(tiny_codec, rng, monkeypatch, y):
+    """compressai's rANS decoder does not check bounds: on a short or garbage y section it reads on past the end of
+    its buffer. What the codec hands it must hold every byte it can read, so trailing bytes never matter."""
+    from dataclasses import replace
+
+    from rdeic import bitstream as bs
+
+    compression = tiny_codec.model.compression
+    decompress, given = type(compression).decompress, []
+    monkeypatch.setattr(type(compression), "decompress", lambda self, codes: given.extend(codes) or decompress(self, codes))
+    stream = bs.read(forged_size(tiny_codec.compress([random_image(rng, 64, 64)])[0], 256, 256))  # 12288 y symbols
+    tiny_codec.decompress_results([bs.write(stream.header, stream.hyper, y)], steps=1)
+    code = given[0]
+    longer = replace(code, y_string=code.y_string + rng.bytes(4096) + b"\xff" * 4096)
+    with tiny_codec._numerics():
+        assert np.array_equal(decompress(compression, [code]).symbols[0], decompress(compression, [longer]).symbols[0])
+
+
+@pytest.mark.parametrize("y, message", [(b"", "has 0 bytes"), (bytes(4), "has 4 bytes"), (bytes(13), "has 13 bytes"),
+                                        (bytes(8) + b"\xff" * 16 + bytes(8), "run of 16 bytes 0xFF")])
+def test_y_sections_no_encoder_writes_are_refused(tiny_codec, rng, y, message):
+    from rdeic import bitstream as bs
+    from rdeic.errors import PayloadError
+
+    stream = bs.read(tiny_codec.compress([random_image(rng, 64, 64)])[0])
+    with pytest.raises(PayloadError, match=message):
+        tiny_codec.decompress([bs.write(stream.header, stream.hyper, y)])
+
+
+_FF_SCRIPT = textwrap.dedent(
+    """
+    import sys, numpy as np
+    from rdeic import bitstream as bs
+    from rdeic.codec import Codec
+    codec = Codec.load(sys.argv[1])
+    stream = bs.read(codec.compress([np.zeros((64, 64, 3), np.uint8)])[0])
+    print(type(codec.decompress_results([bs.write(stream.header, stream.hyper, b"\\xff" * (8 << 20))], steps=1)[0]).__name__)
+    """
+)
+
+
+def test_a_run_of_ff_bytes_cannot_crash_the_decoder(tiny_model_dir):
+    """In compressai's escape code each 0xF nibble adds 15 raw nibbles to read: an 8 MB y section of 0xFF bytes made
+    the decoder read gigabytes past its buffer (SIGSEGV). A child process, so that a crash fails the test only."""
+    proc = subprocess.run([sys.executable, "-c", _FF_SCRIPT, str(tiny_model_dir)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["PayloadError"]
+
+
 _SCRIPT = textwrap.dedent(
     """
     import sys, torch, numpy as np
