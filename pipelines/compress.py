@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Iterator
 
+from rdeic.errors import ModelFormatError
+
 from . import archive, reasons, storage
 from .archive import ARCHIVE, ShardStats
 from .ownership import Attempt
@@ -206,6 +208,8 @@ class ShardCompressor:
         t0 = time.perf_counter()
         try:
             streams = self.codec.compress([p.image for p in batch])
+        except ModelFormatError as exc:  # the model itself is broken (e.g. its latents overflow): every row would fail
+            raise reasons.InfraError(f"the model failed on this worker: {exc}") from exc
         except ValueError as exc:  # the codec's verdict on an input (rdeic errors are ValueErrors)
             if len(batch) > 1:
                 return [row for p in batch for row in self._encode(task, [p], stats)]
