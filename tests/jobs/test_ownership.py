@@ -153,3 +153,19 @@ def test_an_expired_lease_is_taken_over_with_a_message_and_a_live_one_only_with_
     with caplog.at_level("WARNING"):
         assert _compress(tmp_path / "in", out, tiny_model_dir) == 0
     assert "stale-run" in caplog.text and "stopped renewing it" in caplog.text
+
+
+def test_ctrl_c_stops_cleanly_releases_the_lease_and_says_how_to_resume(ray_cluster, tiny_model_dir, tmp_path):
+    import signal
+
+    make_shards(tmp_path / "in", 2, 2)
+    out = tmp_path / "out"
+    run = _start_stalled(["compress", "--input", str(tmp_path / "in" / "*.tar"), "--output", str(out), "--model",
+                          str(tiny_model_dir), "--actors", "1", "--inject-crash", "shard-000001:1:stall"], ray_cluster)
+    _wait_for(out / "_commits" / "part-shard-000000.stats.json", run)
+    run.send_signal(signal.SIGINT)
+    assert run.wait(timeout=60) == 130
+    err = run.stderr.read()
+    assert "interrupted" in err and "rerun the same command to resume" in err and "Traceback" not in err
+    assert json.loads((out / "_lease.json").read_text())["released"] is True
+    assert _compress(tmp_path / "in", out, tiny_model_dir) == 0  # resumes at once, the lease being free
