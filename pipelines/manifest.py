@@ -27,7 +27,7 @@ import time
 from . import storage
 from .archive import COMMITS, Layout, MarkerError, ShardStats
 from .lease import DEFAULT_TTL, LEASE, Lease
-from .ownership import INPROGRESS, RUN_UNIT, Attempt, clean, record_path, unit_of_record
+from .ownership import INPROGRESS, RUN_UNIT, Attempt, check_relative, clean, record_path, unit_of_record
 
 log = logging.getLogger(__name__)
 
@@ -214,12 +214,22 @@ class JobOutput:
             self.committed.pop(unit)
             stats = self._read_markers([unit])[unit]  # the index holds no file lists
             attempt = Attempt(self.fs, self.root, unit, self.run_id)
-            attempt.record.paths = stats.files or [self.layout.data(unit)]
+            attempt.record.paths = self._unit_files(unit, stats.files)
             attempt.record.dirs = sorted({posixpath.dirname(f) for f in attempt.record.paths} - {""})
             attempt._save()  # the record proves the files ours while they are removed
             self.fs.rm(self.path(self.layout.marker(unit)))
             clean(self.fs, self.root, attempt.record.name, committed=False)
             self.rewritten.append(unit)
+
+    def _unit_files(self, unit: str, files: list[str]) -> list[str]:
+        """The files a marker says its unit wrote, if they are that unit's: its data, or inside its folder."""
+        data = self.layout.data(unit)
+        for rel in files:
+            check_relative(rel)
+            if rel != data and not rel.startswith(data + "/"):
+                raise OutputRefused(f"{self.path(self.layout.marker(unit))} lists {rel!r}, which is not {unit}'s to delete; "
+                                    "move the marker away to redo that unit")
+        return files or [data]
 
     # -------------------------------------------------------------- finish
     def finish(self, run_stats: list[ShardStats], run_summary: dict, totals) -> dict:

@@ -47,7 +47,17 @@ class Record:
 
     @classmethod
     def parse(cls, data: bytes) -> "Record":
-        return cls(**json.loads(data))
+        record = cls(**json.loads(data))
+        for rel in record.paths + record.temps + record.dirs:
+            check_relative(rel)  # a record is read back from storage: it names nothing outside the output
+        return record
+
+
+def check_relative(rel: object) -> str:
+    """``rel`` as a path inside the output: relative, no empty, ``.`` or ``..`` part; else ValueError."""
+    if not isinstance(rel, str) or not rel or "\x00" in rel or any(p in ("", ".", "..") for p in rel.split("/")):
+        raise ValueError(f"{rel!r} is not a path inside the output")
+    return rel
 
 
 def record_path(root: str, name: str) -> str:

@@ -162,3 +162,28 @@ def test_uncommitting_a_folder_unit_leaves_no_folder_behind(tmp_path):
     again.open()
     again.uncommit(again.check_settings({"a"}, overwrite=True))
     assert sorted(str(p.relative_to(root)) for p in (root / "part-a").rglob("*")) == ["part-a/user-notes.txt"]
+
+
+def test_records_and_markers_read_back_never_name_files_outside_their_unit(tmp_path):
+    root = tmp_path / "out"
+    (tmp_path / "precious.txt").write_text("outside the output")
+    out = _output(root)
+    out.open()
+    _commit(root, "a", settings={**SETTINGS, "model_id": "old"})
+    _finish(out)
+    # a forged record naming a file outside the output
+    (root / "_inprogress" / "b~forged.json").write_text(json.dumps(
+        {"unit": "b", "run_id": "x", "attempt": 0, "token": "forged", "paths": ["../precious.txt"], "temps": [], "dirs": []}))
+    with pytest.raises(ValueError, match="is not a path inside the output"):
+        _output(root, run_id="run-b").open()
+    assert (tmp_path / "precious.txt").exists()
+    (root / "_inprogress" / "b~forged.json").unlink()
+    # a marker whose file list names another unit's data: --overwrite must not delete it
+    (root / "part-c.parquet").write_bytes(b"someone else's")
+    marker = json.loads((root / "_commits" / "part-a.stats.json").read_text())
+    (root / "_commits" / "part-a.stats.json").write_text(json.dumps({**marker, "files": ["part-c.parquet"]}))
+    again = _output(root, run_id="run-c")
+    again.open()
+    with pytest.raises(OutputRefused, match="which is not a's to delete"):
+        again.uncommit(again.check_settings({"a"}, overwrite=True))
+    assert (root / "part-c.parquet").read_bytes() == b"someone else's"
