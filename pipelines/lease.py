@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 import sys
@@ -66,10 +67,15 @@ class Holder:
 
     @classmethod
     def parse(cls, data: bytes) -> "Holder | None":
+        """The holder, or None for a file that is not a well-formed lease (treated as lapsed, never as ours)."""
         try:
-            return cls(**json.loads(data))
+            holder = cls(**json.loads(data))
         except (ValueError, TypeError):
-            return None  # unreadable: treated as expired, never as ours
+            return None
+        fields_ok = (all(isinstance(v, str) for v in (holder.run_id, holder.host, holder.boot_id, holder.command))
+                     and type(holder.pid) is int and 0 < holder.pid < 2 ** 31 and isinstance(holder.released, bool)
+                     and all(isinstance(v, (int, float)) and math.isfinite(v) for v in (holder.acquired_at, holder.expires_at)))
+        return holder if fields_ok else None
 
     def describe(self) -> str:
         since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.acquired_at))

@@ -93,3 +93,17 @@ def test_break_lease_takes_a_live_one(tmp_path):
     lease.Lease(fs, root, "run-a").acquire()
     lease.Lease(fs, root, "run-b").acquire(break_lease=True)
     lease.check_held(fs, root, "run-b")
+
+
+@pytest.mark.parametrize("body", ['{"run_id": "x"}', "not json", '{"run_id": "x", "host": "h", "pid": "1", "boot_id": "b", '
+                                  '"command": "c", "acquired_at": 0, "expires_at": 1e30, "released": false}',
+                                  '{"run_id": "x", "host": "h", "pid": -1, "boot_id": "b", "command": "c", '
+                                  '"acquired_at": 0, "expires_at": 1e30, "released": false}'])
+def test_a_malformed_lease_file_is_taken_over_not_trusted(tmp_path, body, caplog):
+    fs, root = storage.filesystem(str(tmp_path / "out"), storage.StorageOptions())
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "_lease.json").write_text(body)
+    with caplog.at_level("WARNING"):
+        lease.Lease(fs, root, "run-b").acquire(max_wait=0)
+    lease.check_held(fs, root, "run-b")
+    assert "unreadable" in caplog.text
