@@ -168,3 +168,18 @@ def test_a_file_we_did_not_write_is_never_overwritten(compressor, tmp_path, rng)
     with pytest.raises(ForeignFileError, match="no record shows this job wrote it"):
         compressor(ShardTask(str(tmp_path / "s.tar"), "s"))
     assert (tmp_path / "archive" / "part-s.parquet").read_bytes() == b"not ours"
+
+
+def test_a_broken_model_fails_the_attempt_instead_of_committing_error_rows(compressor, tmp_path, rng, monkeypatch):
+    from pipelines.reasons import InfraError
+    from rdeic.errors import ModelFormatError
+
+    _mixed_shard(tmp_path / "s.tar", rng)
+
+    def overflowing(images, **kw):
+        raise ModelFormatError("the model's latents are NaN or beyond the coder's range")
+
+    monkeypatch.setattr(compressor.codec, "compress", overflowing)
+    with pytest.raises(InfraError, match="the model failed on this worker"):
+        compressor(ShardTask(str(tmp_path / "s.tar"), "s"))
+    assert not (tmp_path / "archive" / "_commits").exists()
