@@ -14,6 +14,7 @@ from pipelines import storage
 from pipelines.archive import ARCHIVE, ShardStats
 from pipelines.compress import CODEC_VERSION, CompressSpec, ShardTask
 from pipelines.shards import MAX_MEMBER_BYTES, MAX_SIDECAR_BYTES
+from rdeic.bitstream import DEFAULT_MAX_PIXELS
 
 from . import common
 
@@ -22,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", nargs="+", required=True, metavar="URL",
                    help="tar shards: brace patterns (shard-{000000..000099}.tar) or globs, local or s3://")
     p.add_argument("--output", required=True, metavar="URL", help="archive folder, local or s3://")
-    p.add_argument("--max-pixels", type=int, default=4096 * 4096,
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help="refuse images over this many pixels once padded to multiples of 64, as the codec computes "
                         "them (decompression bombs, 16000000x1 strips); default 4096²")
     p.add_argument("--max-member-bytes", type=int, default=MAX_MEMBER_BYTES, metavar="N",

@@ -18,6 +18,7 @@ from pipelines.compress import ShardTask
 from pipelines.decode import FORMATS, DecodeSpec, layout_for
 from pipelines.manifest import MANIFEST, OutputRefused
 from rdeic.config import ModelConfig
+from rdeic.bitstream import DEFAULT_MAX_PIXELS
 from rdeic.modeldir import CONFIG_FILE
 
 from . import common
@@ -32,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="webdataset: one tar per archive part (PNG + original sidecars); folder: one folder per part")
     p.add_argument("--steps", type=int, help="denoising steps L (default: the model's)")
     p.add_argument("--detail", type=float, default=1.0, help="λs, the smoothness/sharpness knob (default 1)")
-    p.add_argument("--max-pixels", type=int, default=4096 * 4096,
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help="refuse (as that row's error) bitstreams of images over this many padded pixels; default 4096²")
     p.add_argument("--keys", metavar="FILE", help="decode only the keys listed in FILE (one per line)")
     p.add_argument("--inject-crash", metavar="PART:N", help=argparse.SUPPRESS)

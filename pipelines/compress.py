@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from typing import Iterator
 
 from rdeic.errors import ModelFormatError
+from rdeic.bitstream import DEFAULT_MAX_PIXELS
 
 from . import archive, reasons, storage
 from .archive import ARCHIVE, ShardStats
@@ -52,7 +53,7 @@ class CompressSpec:
     model: str
     storage: storage.StorageOptions = field(default_factory=storage.StorageOptions)
     batch_size: int = 8
-    max_pixels: int = 4096 * 4096  # padded to multiples of 64, as the codec computes
+    max_pixels: int = DEFAULT_MAX_PIXELS  # padded to multiples of 64, as the codec computes
     max_member_bytes: int = MAX_MEMBER_BYTES  # one tar member (checked from its header, before reading)
     max_sidecar_bytes: int = MAX_SIDECAR_BYTES  # all files of a sample but its image
     read_threads: int = 2

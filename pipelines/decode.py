@@ -20,6 +20,7 @@ from typing import Callable
 
 from rdeic.errors import BitstreamError, EntropyDesyncError, ImageTooLargeError, ModelMismatchError
 from rdeic.images import encode_png
+from rdeic.bitstream import DEFAULT_MAX_PIXELS
 
 from . import archive, names, reasons, storage
 from .archive import Layout, ShardStats
@@ -47,7 +48,7 @@ class DecodeSpec:
     steps: int | None = None
     detail: float = 1.0
     batch_size: int = 8
-    max_pixels: int = 4096 * 4096  # padded pixels of one image; a bitstream claiming more is that row's error
+    max_pixels: int = DEFAULT_MAX_PIXELS  # padded pixels of one image; a bitstream claiming more is that row's error
     keys: frozenset[str] | None = None  # decode only these keys
     crash: CrashSpec | None = None
     run_id: str = ""

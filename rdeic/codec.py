@@ -41,8 +41,6 @@ def check_image(image: np.ndarray, what: str = "image") -> np.ndarray:
     return image
 
 
-check_size = bs.check_size  # refuse a stream over a padded-pixel limit before decoding it
-DEFAULT_MAX_PIXELS = bs.DEFAULT_MAX_PIXELS
 # compressai's rANS decoder (C++) checks no bounds. Its escape code reads 15 more raw nibbles for every
 # 0xF nibble it meets, so a run of 0xFF bytes in a y section sends it gigabytes past its buffer; the
 # encoder writes pseudo-random 32-bit words and never such a run.
@@ -198,7 +196,7 @@ class Codec:
 
     @torch.no_grad()
     def decompress(self, bitstreams: Sequence[bytes], steps: int | None = None, detail: float = 1.0,
-                   max_pixels: int | None = DEFAULT_MAX_PIXELS) -> list[np.ndarray]:
+                   max_pixels: int | None = bs.DEFAULT_MAX_PIXELS) -> list[np.ndarray]:
         """Decode bitstreams to RGB uint8 images; raises the first bitstream's error, if any.
 
         ``max_pixels``: see :meth:`decompress_results`.
@@ -211,7 +209,7 @@ class Codec:
 
     @torch.no_grad()
     def decompress_results(self, bitstreams: Sequence[bytes], steps: int | None = None, detail: float = 1.0,
-                           max_pixels: int | None = DEFAULT_MAX_PIXELS) -> list[np.ndarray | BitstreamError]:
+                           max_pixels: int | None = bs.DEFAULT_MAX_PIXELS) -> list[np.ndarray | BitstreamError]:
         """Like :meth:`decompress`, but a bad bitstream yields its error in place of an image.
 
         ``max_pixels`` bounds the padded size (sides rounded up to multiples of 64) a bitstream may
@@ -240,7 +238,7 @@ class Codec:
     def _accept(self, data: bytes, max_pixels: int | None) -> bs.Bitstream:
         """Parse, check the size, then the payload (the indices are unpacked only once the size is acceptable)."""
         stream = self.parse(data)
-        check_size(stream.header, max_pixels)
+        bs.check_size(stream.header, max_pixels)
         codes = self.config.compression.codebook_size
         largest = int(stream.hyper_indices.max())
         if largest >= codes:  # possible when the codebook size is not a power of two
