@@ -235,6 +235,32 @@ class Codec:
                     results[i] = image
         return results
 
+    @torch.no_grad()
+    def verify(self, bitstreams: Sequence[bytes], max_pixels: int | None = bs.DEFAULT_MAX_PIXELS) -> list[BitstreamError | None]:
+        """Check bitstreams as far as entropy decoding, without diffusion: None for a sound one, else its error.
+
+        Covers everything but the pixels: container (magic, version, CRC32), this model, the size limit,
+        the payload, and the entropy decoder's symbols against the encoder's CRC.
+        """
+        results: list[BitstreamError | None] = [None] * len(bitstreams)
+        groups: dict[tuple, list[tuple[int, bs.Bitstream]]] = defaultdict(list)
+        for i, data in enumerate(bitstreams):
+            try:
+                stream = self._accept(data, max_pixels)
+            except BitstreamError as exc:
+                results[i] = exc
+                continue
+            groups[(stream.header.y_shape, stream.header.z_shape)].append((i, stream))
+        for members in groups.values():
+            for start in range(0, len(members), self.max_batch):
+                batch = members[start:start + self.max_batch]
+                with self._numerics():
+                    crcs = self.model.compression.decompress([self._latent_code(s) for _, s in batch]).symbols_crc
+                for (i, s), crc in zip(batch, crcs):
+                    if crc != s.header.symbols_crc:
+                        results[i] = EntropyDesyncError("entropy decoding desynchronised: decoded symbols do not match the encoder's CRC")
+        return results
+
     def _accept(self, data: bytes, max_pixels: int | None) -> bs.Bitstream:
         """Parse, check the size, then the payload (the indices are unpacked only once the size is acceptable)."""
         stream = self.parse(data)

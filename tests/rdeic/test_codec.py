@@ -199,3 +199,29 @@ def test_decoding_identical_across_processes_and_thread_counts(tiny_model_dir, t
     two = np.load(f"{stream}.dec2.npy")
     assert one.shape == (150, 200, 3)
     assert np.array_equal(one, two)
+
+
+def _recrc(data: bytes) -> bytes:
+    import struct
+    import zlib
+
+    return data[:-4] + struct.pack("<I", zlib.crc32(data[:-4]))
+
+
+def test_verify_entropy_decodes_without_diffusion(tiny_codec, rng, monkeypatch):
+    """What the audit's integrity scan runs on every row: parse, model, payload and the symbol CRC."""
+    from rdeic.errors import BadMagicError, ChecksumError, EntropyDesyncError
+
+    good = tiny_codec.compress([random_image(rng, 64, 96)])[0]
+    stream = tiny_codec.parse(good)
+    y_at = len(good) - 4 - len(stream.y)
+    forged = bytearray(good)
+    forged[y_at + len(stream.y) // 2] ^= 0x5A  # the container CRC fixed below: only the symbol CRC can tell
+    forged = _recrc(bytes(forged))
+    monkeypatch.setattr(tiny_codec.model, "relay_decode", lambda *a, **k: pytest.fail("verify must not diffuse"))
+    other = tiny_codec.compress([random_image(rng, 130, 65)])[0]  # another latent shape in the same call
+    results = tiny_codec.verify([good, b"JUNK" + good[4:], good[:-1] + bytes([good[-1] ^ 1]), forged, other])
+    assert results[0] is None and results[4] is None
+    assert isinstance(results[1], BadMagicError)
+    assert isinstance(results[2], ChecksumError)
+    assert isinstance(results[3], EntropyDesyncError)
