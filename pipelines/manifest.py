@@ -56,8 +56,11 @@ def _few(names: list[str], n: int = 5) -> str:
 
 class JobOutput:
     def __init__(self, fs, root: str, kind: str, settings: dict, layout: Layout, run_id: str,
-                 lease_ttl: float = DEFAULT_TTL) -> None:
+                 lease_ttl: float = DEFAULT_TTL, products: tuple[str, ...] = ()) -> None:
+        """``products``: files the driver writes at the root besides the units' (e.g. an audit's report)."""
         self.fs, self.root, self.kind, self.settings, self.layout = fs, root.rstrip("/"), kind, settings, layout
+        self.control_files = CONTROL_FILES + list(products)
+        self.reserved = RESERVED | set(products)
         self.run_id = run_id
         self.lease = Lease(fs, self.root, run_id, lease_ttl)
         self.control = Attempt(fs, self.root, RUN_UNIT, run_id)
@@ -75,7 +78,7 @@ class JobOutput:
         self.manifest = self._read_manifest() or {}
         if not self.manifest:  # never take a lease in, or write into, a folder of someone else's
             entries = storage.list_names(self.fs, self.root)
-            if set(entries) - RESERVED:
+            if set(entries) - self.reserved:
                 names = sorted(n + ("/" if d else "") for n, d in entries.items())
                 raise OutputRefused(f"{self.root} is not empty and is not an rdeic-archive output (it holds "
                                     f"{_few(names)}); choose a new or empty folder")
@@ -88,7 +91,7 @@ class JobOutput:
             units = set(self.layout.committed_units(self.fs, self.root)) if COMMITS in entries else set()
             if INPROGRESS in entries and self._clean_records(units):
                 entries = storage.list_names(self.fs, self.root)
-            self.control.begin_control(CONTROL_FILES)
+            self.control.begin_control(self.control_files)
             self.committed = self._load_stats(units)
             self.untracked = self._untracked(entries, units)
             if not self.manifest:
@@ -148,42 +151,17 @@ class JobOutput:
         return stats
 
     def _read_markers(self, units: list[str]) -> dict[str, ShardStats]:
-        """Markers read in one batch (concurrent requests on object stores), each checked."""
-        if not units:
-            return {}
-        paths = {self.path(self.layout.marker(u)): u for u in units}
-        self.fs.invalidate_cache(self.path(COMMITS))
-        out = {}
-        for path, data in self.fs.cat(list(paths), on_error="return").items():
-            path = path.split("://", 1)[-1]
-            if isinstance(data, FileNotFoundError):
-                raise OutputRefused(f"{path} vanished while this run started; is another job writing here without the lease?")
-            if isinstance(data, BaseException):
-                raise data
-            try:
-                out[paths[path]] = ShardStats.from_json(data, path)
-            except MarkerError as exc:
-                raise OutputRefused(f"{exc}; move it away to redo that unit") from None
-        return out
+        return read_markers(self.fs, self.root, self.layout, units)
 
     def _read_index(self) -> dict[str, ShardStats]:
-        data = storage.read_bytes(self.fs, self.path(INDEX))
-        if data is None:
-            return {}
-        try:
-            lines = gzip.decompress(data).decode().splitlines()
-            stats = [ShardStats.from_json(line, f"{INDEX} line {n}") for n, line in enumerate(lines, 1)]
-            return {s.shard_id: s for s in stats}
-        except (OSError, EOFError, UnicodeDecodeError, MarkerError) as exc:
-            log.warning("%s is damaged (%s); rebuilding it from the commit markers", self.path(INDEX), exc)
-            return {}
+        return read_index(self.fs, self.root)
 
     def _write_index(self, stats: dict[str, ShardStats]) -> None:
         lines = "".join(json.dumps(stats[u].to_dict(detail=False), sort_keys=True) + "\n" for u in sorted(stats))
         storage.write_bytes_atomic(self.fs, self.path(INDEX), gzip.compress(lines.encode(), mtime=0), token=self.control.token)
 
     def _untracked(self, entries: dict[str, bool], units: set[str]) -> list[str]:
-        ours = RESERVED | {self.layout.data(u) for u in units}
+        ours = self.reserved | {self.layout.data(u) for u in units}
         return sorted(n + ("/" if d else "") for n, d in entries.items() if n not in ours)
 
     # ------------------------------------------------------------ settings
@@ -262,3 +240,47 @@ class JobOutput:
                 self.control.finish()
         finally:
             self.lease.release()
+
+
+def read_markers(fs, root: str, layout: Layout, units: list[str], bad: dict[str, str] | None = None) -> dict[str, ShardStats]:
+    """Markers read in one batch (concurrent requests on object stores), each checked.
+
+    A marker that vanished or is not one of ours raises OutputRefused, or, given ``bad``, is
+    recorded there (unit -> why) for a reader that reports rather than refuses (the audit).
+    """
+    if not units:
+        return {}
+    paths = {storage.join(root, layout.marker(u)): u for u in units}
+    fs.invalidate_cache(storage.join(root, COMMITS))
+    out = {}
+    for path, data in fs.cat(list(paths), on_error="return").items():
+        path = path.split("://", 1)[-1]
+        unit = paths[path]
+        try:
+            if isinstance(data, FileNotFoundError):
+                raise OutputRefused(f"{path} vanished while this run started; is another job writing here without the lease?")
+            if isinstance(data, BaseException):
+                raise data
+            try:
+                out[unit] = ShardStats.from_json(data, path)
+            except MarkerError as exc:
+                raise OutputRefused(f"{exc}; move it away to redo that unit") from None
+        except OutputRefused as exc:
+            if bad is None:
+                raise
+            bad[unit] = str(exc)
+    return out
+
+
+def read_index(fs, root: str) -> dict[str, ShardStats]:
+    """The stats of the units committed when the output's last run finished (empty if absent or damaged)."""
+    data = storage.read_bytes(fs, storage.join(root, INDEX))
+    if data is None:
+        return {}
+    try:
+        lines = gzip.decompress(data).decode().splitlines()
+        stats = [ShardStats.from_json(line, f"{INDEX} line {n}") for n, line in enumerate(lines, 1)]
+        return {s.shard_id: s for s in stats}
+    except (OSError, EOFError, UnicodeDecodeError, MarkerError) as exc:
+        log.warning("%s is damaged (%s); rebuilding it from the commit markers", storage.join(root, INDEX), exc)
+        return {}
