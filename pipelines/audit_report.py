@@ -16,10 +16,12 @@ import numbers
 import matplotlib
 from matplotlib.figure import Figure
 
-PER_IMAGE_METRICS = ("psnr", "ssim", "ms_ssim", "lpips", "dists", "niqe")
+from rdeic.metrics import LOWER_IS_BETTER as METRICS_LOWER_IS_BETTER
+from rdeic.metrics import PAIR_METRICS as PER_IMAGE_METRICS
+
 # The second bpp-vs-metric scatter shows the first of these that has values.
 PERCEPTUAL_METRICS = ("lpips", "dists", "ms_ssim", "ssim")
-LOWER_IS_BETTER = frozenset({"lpips", "dists", "niqe", "fid", "kid", "bpp"})
+LOWER_IS_BETTER = METRICS_LOWER_IS_BETTER | {"bpp"}
 # (label, metric, statistic) rows of the headline table.
 HEADLINE = (
     ("bpp", "bpp", "mean"),

@@ -29,10 +29,12 @@ from dataclasses import dataclass
 
 import yaml
 
+from rdeic import metrics
+
 MAX_BYTES = 64 * 1024
 BASELINES = ("jpeg", "webp", "avif")
-LOWER_IS_BETTER = ("lpips", "dists", "niqe", "fid", "kid", "bpp", "integrity", "sample")
-HIGHER_IS_BETTER = ("psnr", "ssim", "ms_ssim")
+LOWER_IS_BETTER = (*sorted(metrics.LOWER_IS_BETTER), "bpp", "integrity", "sample")
+HIGHER_IS_BETTER = tuple(m for m in metrics.PAIR_METRICS if m not in metrics.LOWER_IS_BETTER)
 SECTIONS = ("absolute", "relative")
 TOLERANCE = "worse_by_at_most"
 
