@@ -1,4 +1,4 @@
-"""``rdeic-job``: the distributed jobs (compress, decode, train), each with ``--help``."""
+"""``rdeic-job``: the distributed jobs (compress, decode, audit, train), each with ``--help``."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import argparse
 import sys
 import warnings
 
-from . import common, compress, decode, train
+from . import audit, common, compress, decode, train
 
-JOBS = {"compress": compress, "decode": decode, "train": train}
+JOBS = {"compress": compress, "decode": decode, "audit": audit, "train": train}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +26,8 @@ EXIT_OK, EXIT_FAILED, EXIT_REFUSED, EXIT_BUSY, EXIT_INTERRUPTED = 0, 1, 2, 75, 1
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 all units committed; 1 some units failed or no worker could start (rerun to retry);
     2 refused (arguments, an output that is not ours or has other settings); 75 the output is in use
-    by another run (EX_TEMPFAIL: try later); 130 interrupted (rerun to resume)."""
+    by another run (EX_TEMPFAIL: try later); 130 interrupted (rerun to resume); audit only: 3 the
+    regression gate failed."""
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
     args = build_parser().parse_args(argv)
     common.setup_logging(args.quiet)

@@ -2,7 +2,7 @@
 
 The only module of ``pipelines`` that imports ``ray``. Each actor loads the model once, checks
 that it is the model the driver expects, and runs the plain per-unit callables of
-``compress.py`` / ``decode.py``. The driver keeps at most two units queued per actor and starts
+``compress.py`` / ``decode.py`` / ``audit.py``. The driver keeps at most two units queued per actor and starts
 work as soon as one actor is up (on an autoscaling cluster the others join when their GPU
 nodes arrive; none at all within ``start_timeout`` is an error).
 
@@ -63,10 +63,14 @@ class WorkerActor:
             from .compress import ShardCompressor
 
             self.worker = ShardCompressor(spec, codec, self.info)
-        else:
+        elif kind == "decode":
             from .decode import PartDecoder
 
             self.worker = PartDecoder(spec, codec, self.info)
+        else:
+            from .audit import PartAuditor
+
+            self.worker = PartAuditor(spec, codec, self.info)
 
     def describe(self) -> dict:
         return self.info
