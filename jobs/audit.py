@@ -18,6 +18,7 @@ import argparse
 import io
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -96,6 +97,10 @@ def check(args: argparse.Namespace) -> None:
     args.run_id = args.run_id or time.strftime("%Y-%m-%d", time.gmtime())
     if not _RUN_ID.fullmatch(args.run_id):
         raise ValueError(f"--run-id must be 1-100 letters, digits, '.', '_' or '-', starting with a letter or digit, got {args.run_id!r}")
+    if args.backbones:
+        if "://" in args.backbones:
+            raise ValueError(f"--backbones must be a local folder (on every worker), got {args.backbones}")
+        args.backbones = os.path.abspath(args.backbones)  # workers run in another folder
     if len(args.seed) > 200:
         raise ValueError("--seed is longer than 200 characters")
     args.rules = gate.read_rules(args.thresholds) if args.thresholds else gate.load_rules(DEFAULT_RULES, "the default gate")

@@ -250,3 +250,28 @@ def test_killed_mid_run_then_rerun_finishes_one_report_and_a_concurrent_audit_is
         "unit-shard-000000.stats.json", "unit-shard-000001.stats.json", "unit-shard-000002.stats.json"]
     assert summary["sample"]["drawn"] == 6 and summary["integrity"]["rows_checked"] == 12
     assert not any((report / "n1" / "_inprogress").iterdir())
+
+
+def test_bad_arguments_and_a_foreign_report_root_are_refused_in_one_line(archive, tiny_model_dir, tmp_path, capsys):
+    local, _ = archive
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("absolute:\n  - psnr.mean >= twenty\n")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("a user's file")
+    cases = [
+        (["--thresholds", str(bad)], "threshold 'twenty' is not a number"),
+        (["--run-id", "../escape"], "--run-id must be"),
+        (["--metrics", "psnr,vmaf"], "--metrics: unknown vmaf"),
+        (["--baselines", "jpeg2000"], "--baselines: unknown jpeg2000"),
+        (["--sample", "-1"], "--sample must be at least 0"),
+        (["--backbones", "s3://bucket/weights"], "--backbones must be a local folder"),
+    ]
+    for extra, message in cases:
+        capsys.readouterr()
+        assert _audit(local, tmp_path / "reports", tiny_model_dir, *extra) == 2, extra
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+    assert _audit(local, foreign, tiny_model_dir) == 2
+    assert "not audit reports (notes.txt)" in capsys.readouterr().err
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]  # nothing written into someone else's folder
