@@ -87,6 +87,8 @@ def _names(value: str, known: tuple[str, ...], what: str) -> list[str]:
 
 def check(args: argparse.Namespace) -> None:
     common.check_run_args(args)
+    if args.overwrite:
+        raise ValueError("--overwrite does not apply to an audit: a run id's report is never rewritten; choose another --run-id")
     common.at_least(args, "sample", 0)
     common.at_least(args, "steps", 1)
     common.at_least(args, "max-pixels", 64 * 64, " (one padded 64x64 block)")
@@ -275,11 +277,10 @@ def _report(args, output: JobOutput, spec: AuditSpec, plan: dict, units: list[Sh
         "baselines": audit_summary.baselines(rows, args.baselines, args.metrics),
         "results": audit_summary.compressai_results(rows),
         "versions": {"rdeic-archive": _version(), **versions()},
-        "timings": {"seconds": round(seconds, 3), **{k: round(sum(f.get(k, 0) for f in findings), 3) for k in ("scan_seconds",)},
-                    **{k: round(sum(r[k] or 0 for r in rows), 3) for k in ("decode_seconds", "metric_seconds", "baseline_seconds")}},
+        "timings": _timings(seconds, findings, rows),
     }
     summary["figures"] = audit_summary.figures(summary)
-    history = _history(output, args.run_id, args.archive)
+    history = _history(output, args.run_id, args.archive, before=plan["planned_at"])
     previous = history[-1] if history else None
     summary["gate"] = gate.evaluate(args.rules, summary["figures"], previous and previous["figures"],
                                     previous and previous["run_id"], thresholds=args.thresholds)
@@ -296,8 +297,17 @@ def _report(args, output: JobOutput, spec: AuditSpec, plan: dict, units: list[Sh
     return summary
 
 
-def _history(output: JobOutput, run_id: str, archive: str) -> list[dict]:
-    """Earlier finished audits of the same archive under this report root, oldest first."""
+def _timings(seconds: float, findings: list[dict], rows: list[dict]) -> dict:
+    """This run's wall time, and the workers' time per stage summed over every unit (earlier runs' too)."""
+    out = {"seconds": round(seconds, 3), "scan_seconds": round(sum(f["scan_seconds"] for f in findings), 3)}
+    for stage in ("decode_seconds", "metric_seconds", "baseline_seconds"):
+        out[stage] = round(sum(r[stage] or 0 for r in rows), 3)
+    return out
+
+
+def _history(output: JobOutput, run_id: str, archive: str, before: str) -> list[dict]:
+    """Audits of the same archive under this report root that finished before this one was planned, oldest
+    first (so a finished run id rebuilds the same report, whatever ran since)."""
     root = output.root.rsplit("/", 1)[0]
     names = [n for n, is_dir in storage.list_names(output.fs, root).items() if is_dir and n != run_id and n not in RESERVED]
     runs = []
@@ -307,8 +317,9 @@ def _history(output: JobOutput, run_id: str, archive: str) -> list[dict]:
             s = json.loads(data) if data else None
         except ValueError:
             continue
-        if isinstance(s, dict) and s.get("format") == audit_summary.FORMAT and s.get("archive") == archive \
-                and isinstance(s.get("figures"), dict) and isinstance(s.get("finished_at"), str):
+        if not (isinstance(s, dict) and s.get("format") == audit_summary.FORMAT and s.get("archive") == archive):
+            continue
+        if isinstance(s.get("figures"), dict) and isinstance(s.get("finished_at"), str) and s["finished_at"] <= before:
             runs.append({"run_id": s.get("run_id", name), "finished_at": s["finished_at"], "figures": s["figures"]})
     return sorted(runs, key=lambda r: (r["finished_at"], r["run_id"]))
 

@@ -71,7 +71,7 @@ def render(summary: dict, rows: list[dict], crops: dict, history: list[dict]) ->
             _headline(summary, baselines, unavailable),
             _bpp_histogram(rows),
             _scatters(rows, baselines, unavailable),
-            _distributions(rows, baselines, unavailable),
+            _distributions(rows, baselines, unavailable, summary.get("metrics") or {}),
             _worst(crops),
             _trend(summary, history),
             _versions(summary),
@@ -212,7 +212,8 @@ def _scatters(rows: list[dict], baselines: list[str], unavailable: dict) -> str:
         series = [("RDEIC", _pairs(rows, "bpp", metric))] + [(b, _pairs(rows, f"{b}_bpp", f"{b}_{metric}")) for b in baselines]
         series = [(name, points) for name, points in series if points]
         if not series:
-            out.append(f'<p class="muted">{metric}: {_e(unavailable.get(metric) or "no values")}</p>')
+            why = unavailable.get(metric) or "no values"
+            out.append(f'<p class="muted">{metric}: {_e(why)}</p>')
             continue
         fig, ax = _figure()
         for i, (name, points) in enumerate(series):
@@ -224,13 +225,14 @@ def _scatters(rows: list[dict], baselines: list[str], unavailable: dict) -> str:
     return "\n".join(out) + _figs(plots) + "</section>"
 
 
-def _distributions(rows: list[dict], baselines: list[str], unavailable: dict) -> str:
+def _distributions(rows: list[dict], baselines: list[str], unavailable: dict, metrics: dict) -> str:
     out, plots = ['<section id="distributions"><h2>Metric distributions</h2>'], []
     for metric in PER_IMAGE_METRICS:
         series = [("RDEIC", _values(rows, metric))] + [(b, _values(rows, f"{b}_{metric}")) for b in baselines]
         series = [(name, values) for name, values in series if values]
         if not series:
-            out.append(f'<p class="muted">{metric}: {_e(unavailable.get(metric) or "no values")}</p>')
+            why = unavailable.get(metric) or (metrics.get(metric) or {}).get("skipped_reason") or "no values"
+            out.append(f'<p class="muted">{metric}: {_e(why)}</p>')
             continue
         fig, ax = _figure(3.2, 2.6)
         ax.boxplot([values for _, values in series], tick_labels=[name for name, _ in series])

@@ -266,6 +266,7 @@ def test_bad_arguments_and_a_foreign_report_root_are_refused_in_one_line(archive
         (["--baselines", "jpeg2000"], "--baselines: unknown jpeg2000"),
         (["--sample", "-1"], "--sample must be at least 0"),
         (["--backbones", "s3://bucket/weights"], "--backbones must be a local folder"),
+        (["--overwrite"], "--overwrite does not apply to an audit"),
     ]
     for extra, message in cases:
         capsys.readouterr()
