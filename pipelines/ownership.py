@@ -94,14 +94,26 @@ def clean(fs, root: str, name: str, committed: bool) -> Record | None:
         path = storage.join(root, rel)
         if fs.exists(path):
             log.info("removing %s, left by %s attempt %d of run %s", rel, record.unit, record.attempt, record.run_id)
-            fs.rm(path)
+            _remove(fs, path)
     if not committed and storage.is_local(fs):
         for rel in sorted(record.dirs, key=len, reverse=True):
             path = storage.join(root, rel)
             if os.path.isdir(path) and not os.listdir(path):
-                os.rmdir(path)
-    fs.rm(record_path(root, name))
+                try:
+                    os.rmdir(path)
+                except FileNotFoundError:
+                    pass
+    _remove(fs, record_path(root, name))
     return record
+
+
+def _remove(fs, path: str) -> None:
+    """Delete a file this record proves ours; gone already is fine: a worker of a dead run, stopped
+    late, may be cleaning by the same record as the run that took over."""
+    try:
+        fs.rm(path)
+    except FileNotFoundError:
+        pass
 
 
 class Attempt:

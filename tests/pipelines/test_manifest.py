@@ -187,3 +187,42 @@ def test_records_and_markers_read_back_never_name_files_outside_their_unit(tmp_p
     with pytest.raises(OutputRefused, match="which is not a's to delete"):
         again.uncommit(again.check_settings({"a"}, overwrite=True))
     assert (root / "part-c.parquet").read_bytes() == b"someone else's"
+
+
+def test_a_writer_whose_run_lost_the_lease_leaves_its_files_to_the_new_holder(tmp_path):
+    """A worker of a dead driver that aborts late (Ray stops it with SystemExit) must not delete what the
+    run now holding the output may already be rewriting: it leaves its files and its record alone."""
+    root = tmp_path / "out"
+    old = _output(root, run_id="run-old")
+    old.open()
+    fs, path = storage.filesystem(str(root), storage.StorageOptions())
+    stale = Attempt(fs, path, "b", "run-old", marker=ARCHIVE.marker("b"))
+    stale.begin([ARCHIVE.data("b")])
+    (root / "part-b.parquet").write_bytes(b"the old attempt's part")
+    old.lease.stop_heartbeat()
+    new = _output(root, run_id="run-new")
+    new.open(break_lease=True)  # the new run takes over and cleans by the old record
+    assert not (root / "part-b.parquet").exists()
+    (root / "part-b.parquet").write_bytes(b"the new attempt's part")  # as if the new run were rewriting it
+    stale.abort()
+    assert (root / "part-b.parquet").read_bytes() == b"the new attempt's part"
+    new.close()
+
+
+def test_cleaning_a_record_that_another_cleaner_removes_meanwhile_is_not_an_error(tmp_path, monkeypatch):
+    from pipelines import ownership
+
+    root = tmp_path / "out"
+    fs, path = storage.filesystem(str(root), storage.StorageOptions())
+    attempt = Attempt(fs, path, "b", "", marker=ARCHIVE.marker("b"))
+    attempt.begin([ARCHIVE.data("b")])
+    (root / "part-b.parquet").write_bytes(b"half a unit")
+    real_rm = fs.rm
+
+    def racing_rm(target, *a, **k):  # the other cleaner got there first, every time
+        real_rm(target, *a, **k)
+        raise FileNotFoundError(target)
+
+    monkeypatch.setattr(fs, "rm", racing_rm)
+    assert ownership.clean(fs, path, attempt.record.name, committed=False) is not None
+    assert not (root / "part-b.parquet").exists()
