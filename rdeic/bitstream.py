@@ -1,9 +1,28 @@
 """The RDEIC bitstream container: one image, self-describing and checkable on its own.
 
-Layout (all integers little-endian; ``varint`` is unsigned LEB128)::
+Two versions; :func:`write` writes the header's, :func:`read` reads both. All integers are
+little-endian; ``varint`` is unsigned LEB128, minimally encoded.
+
+Version 2 (what the codec writes), 18 bytes around the payload for a 512² image::
+
+    magic        2 bytes  b"RD"
+    version      u8       2
+    flags        u8       bits 0-4: index_bits - 1; bit 5: a seed follows; bits 6-7: zero
+    model_hash   2 bytes  the first two bytes of the model id's digest (the full id is in the model
+                          directory and in every archive row)
+    width        varint   original size; the padded size and the latent shapes follow from it
+    height       varint
+    symbols_crc  u32      CRC32 of the integer symbols (hyper indices, then y), to detect entropy desync
+    seed         u32      only with flag bit 5; otherwise the decode seed is symbols_crc
+    hyper        the hyper-latent indices, bit-packed: exactly ceil(z_h * z_w * index_bits / 8) bytes
+    y            the y symbols' rANS stream: every byte up to the CRC32
+    crc32        u32      CRC32 of every byte before it
+
+Version 1 (read for the archives written with it), 58 bytes around the payload for a 512² image
+and a 14-byte model name::
 
     magic        4 bytes  b"RDEC"
-    version      u8       FORMAT_VERSION
+    version      u8       1
     name_len     u8       then name_len bytes: the model's display name (UTF-8)
     model_hash   8 bytes  the model id's digest (rdeic/modeldir.py: tensors, entropy tables, decoding config)
     width        varint   original size
@@ -19,10 +38,10 @@ Layout (all integers little-endian; ``varint`` is unsigned LEB128)::
     payload      the sections' bytes, in order
     crc32        u32      CRC32 of every byte before it
 
-Sections: 1 = hyper-latent indices, bit-packed; 2 = y symbols, one rANS stream. The table is
-always exactly (1, 2) in that order. Sides are 1 ... 2**20 pixels; varints are minimally
-encoded. :func:`read` is the one parser: whatever it accepts is consistent, and nothing is
-sliced or allocated for a length before it is checked against the bytes present.
+Sections of version 1: 1 = hyper-latent indices, bit-packed; 2 = y symbols, one rANS stream. The
+table is always exactly (1, 2) in that order. Sides are 1 ... 2**20 pixels. :func:`read` is the
+one parser: whatever it accepts is consistent, and nothing is sliced or allocated for a length
+before it is checked against the bytes present.
 """
 
 from __future__ import annotations
@@ -44,8 +63,12 @@ from .errors import (
     UnsupportedVersionError,
 )
 
-MAGIC = b"RDEC"
-FORMAT_VERSION = 1
+MAGIC = b"RDEC"  # version 1
+MAGIC_V2 = b"RD"
+FORMAT_VERSION = 2  # what the codec writes
+VERSIONS = (1, 2)  # what read() reads
+V2_HASH_BYTES = 2
+_SEED_FLAG = 0x20
 PAD = 64
 SECTION_HYPER = 1
 SECTION_Y = 2
@@ -68,7 +91,7 @@ class Header:
     index_bits: int
     seed: int
     symbols_crc: int
-    version: int = FORMAT_VERSION
+    version: int = 1
 
     @property
     def model_id(self) -> str:
@@ -172,6 +195,11 @@ class _Reader:
 
 # ------------------------------------------------------------------ write/read
 def write(header: Header, hyper: bytes, y: bytes) -> bytes:
+    """The stream of ``header.version`` (1 or 2) for this header and payload."""
+    if header.version == 2:
+        return _write_v2(header, hyper, y)
+    if header.version != 1:
+        raise ValueError(f"bitstream version must be one of {VERSIONS}, got {header.version}")
     name = header.model_name.encode()
     if len(name) > 255 or len(header.model_hash) != 8:
         raise ValueError("model name must be <= 255 bytes and model hash 8 bytes")
@@ -194,16 +222,74 @@ def write(header: Header, hyper: bytes, y: bytes) -> bytes:
     return body + struct.pack("<I", zlib.crc32(body))
 
 
+def _write_v2(header: Header, hyper: bytes, y: bytes) -> bytes:
+    _check_consistent(header, len(hyper))  # v2 stores no field another one implies: they must agree
+    if len(header.model_hash) != V2_HASH_BYTES:
+        raise ValueError(f"a version 2 stream carries {V2_HASH_BYTES} bytes of the model hash, got {len(header.model_hash)}")
+    seeded = (header.seed & 0xFFFFFFFF) != (header.symbols_crc & 0xFFFFFFFF)
+    body = b"".join([
+        MAGIC_V2,
+        bytes([2, (header.index_bits - 1) | (_SEED_FLAG if seeded else 0)]),
+        header.model_hash,
+        _varint(header.width) + _varint(header.height),
+        struct.pack("<I", header.symbols_crc & 0xFFFFFFFF),
+        struct.pack("<I", header.seed & 0xFFFFFFFF) if seeded else b"",
+        hyper,
+        y,
+    ])
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
 def read(data: bytes) -> Bitstream:
-    """Parse and verify a bitstream; raises a specific BitstreamError subclass on any defect."""
+    """Parse and verify a bitstream of either version; raises a specific BitstreamError subclass on any defect."""
     data = bytes(data)
-    if data[: len(MAGIC)] != MAGIC[: len(data)] or not data:
-        raise BadMagicError(f"not an RDEIC bitstream (starts with {data[:4]!r}, expected {MAGIC!r})")
+    if not data or data[:len(MAGIC_V2)] != MAGIC_V2[:len(data)]:
+        raise BadMagicError(f"not an RDEIC bitstream (starts with {data[:4]!r}, expected {MAGIC_V2!r} or {MAGIC!r})")
+    if data[:len(MAGIC)] == MAGIC[:len(data)] and len(data) > len(MAGIC_V2):
+        return _read_v1(data)
+    r = _Reader(data)
+    r.take(len(MAGIC_V2), "the magic bytes")
+    version = r.u8("the format version")
+    if version != 2:
+        raise UnsupportedVersionError(f"bitstream format version {version} is not supported (this decoder reads {VERSIONS})")
+    return _read_v2(r)
+
+
+def _read_v2(r: _Reader) -> Bitstream:
+    flags = r.u8("the flags")
+    if flags & ~(_SEED_FLAG | 0x1F):
+        raise HeaderError(f"bitstream flags {flags:#04x} set reserved bits")
+    index_bits = (flags & 0x1F) + 1
+    model_hash = r.take(V2_HASH_BYTES, "the model hash")
+    width, height = r.varint("the width", MAX_SIDE), r.varint("the height", MAX_SIDE)
+    symbols_crc = r.u32("the symbol CRC")
+    seed = r.u32("the seed") if flags & _SEED_FLAG else symbols_crc
+    if flags & _SEED_FLAG and seed == symbols_crc:
+        raise HeaderError("bitstream stores a seed equal to its symbol CRC, which a stream leaves implied")
+    if width < 1 or height < 1:
+        raise HeaderError(f"bitstream header is inconsistent: image size {width}x{height}")
+    pw, ph = padded(width), padded(height)
+    header = Header("", model_hash, width, height, pw, ph, (ph // 16, pw // 16), (ph // 64, pw // 64), index_bits,
+                    seed, symbols_crc, version=2)
+    hyper_len = -(-header.z_shape[0] * header.z_shape[1] * index_bits // 8)
+    present = len(r.data) - r.pos - CRC_SIZE
+    if hyper_len > present:
+        raise TruncatedError(f"bitstream truncated: its hyper-latent section needs {hyper_len} bytes, "
+                             f"{max(present, 0)} are present before the CRC32")
+    hyper = r.take(hyper_len, "the hyper-latent section")
+    y = r.take(present - hyper_len, "the y section")
+    body_end = r.pos
+    if zlib.crc32(r.data[:body_end]) != r.u32("the trailing CRC32"):  # the y section runs to the CRC: a cut is caught here
+        raise ChecksumError("bitstream CRC32 mismatch: the data was altered, corrupted or truncated")
+    return Bitstream(header, hyper, y)
+
+
+def _read_v1(data: bytes) -> Bitstream:
     r = _Reader(data)
     r.take(len(MAGIC), "the magic bytes")
     version = r.u8("the format version")
-    if version != FORMAT_VERSION:
-        raise UnsupportedVersionError(f"bitstream format version {version} is not supported (this decoder reads {FORMAT_VERSION})")
+    if version != 1:
+        raise UnsupportedVersionError(f"bitstream format version {version} is not supported (this decoder reads {VERSIONS})")
     name_bytes = r.take(r.u8("the model name length"), "the model name")
     model_hash = r.take(8, "the model hash")
     dims = [r.varint(what, limit) for what, limit in _DIMENSIONS]

@@ -90,7 +90,8 @@ def cmd_info(args: argparse.Namespace) -> None:
         "bytes": len(data),
         "bpp": round(len(data) * 8 / (h.width * h.height), 6),
         "format_version": h.version,
-        "model_id": h.model_id,
+        "model_id": h.model_id,  # version 2: the digest's first bytes only (the full id is in the model directory)
+        "container_bytes": len(data) - len(stream.hyper) - len(stream.y),
         "size": [h.width, h.height],
         "padded_size": [h.pad_width, h.pad_height],
         "padded_pixels": h.padded_pixels,

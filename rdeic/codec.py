@@ -17,6 +17,7 @@ import math
 import os
 from collections import defaultdict
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -152,8 +153,8 @@ class Codec:
         h, w = shape[:2]
         bits = self.config.compression.index_bits
         header = bs.Header(
-            model_name=self.model_id.name,
-            model_hash=self.model_id.digest,
+            model_name="",
+            model_hash=self.model_id.digest[:bs.V2_HASH_BYTES],
             width=w,
             height=h,
             pad_width=bs.padded(w),
@@ -163,15 +164,28 @@ class Codec:
             index_bits=bits,
             seed=seed & 0xFFFFFFFF,
             symbols_crc=code.symbols_crc,
+            version=bs.FORMAT_VERSION,
         )
         return bs.write(header, bs.pack_indices(code.hyper_indices, bits), code.y_string)
+
+    def rewrap(self, data: bytes, version: int = bs.FORMAT_VERSION) -> bytes:
+        """The same stream in container ``version`` (1 or 2) for this model: header fields, symbols and
+        payload bytes unchanged, no model run; version 1 carries this model's name and full digest."""
+        h = self.parse(data).header
+        stream = bs.read(data)
+        name, digest = (self.model_id.name, self.model_id.digest) if version == 1 else ("", self.model_id.digest[:bs.V2_HASH_BYTES])
+        return bs.write(replace(h, version=version, model_name=name, model_hash=digest), stream.hyper, stream.y)
 
     # ----------------------------------------------------------- decompress
     def parse(self, data: bytes) -> bs.Bitstream:
         """Parse and check a bitstream against this codec's model (no decoding)."""
         stream = bs.read(data)
         h = stream.header
-        if h.model_name != self.model_id.name or (h.model_hash != self.model_id.digest and h.model_hash != self.legacy_digest()):
+        if h.version == 2:  # a digest prefix: enough to tell the models of an archive apart
+            if h.model_hash != self.model_id.digest[:bs.V2_HASH_BYTES]:
+                raise ModelMismatchError(f"bitstream was written by a model whose id digest starts {h.model_hash.hex()}, "
+                                         f"this decoder has {self.model_id}")
+        elif h.model_name != self.model_id.name or (h.model_hash != self.model_id.digest and h.model_hash != self.legacy_digest()):
             raise ModelMismatchError(f"bitstream was written by model {h.model_id}, this decoder has {self.model_id}")
         if h.index_bits != self.config.compression.index_bits:
             raise ModelMismatchError(f"bitstream uses {h.index_bits}-bit indices, the model {self.config.compression.index_bits}")

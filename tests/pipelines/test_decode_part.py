@@ -90,7 +90,8 @@ def test_a_forged_row_is_that_rows_outcome_and_the_others_are_decoded(tiny_codec
                       y_shape=(6252, 6252), z_shape=(1563, 1563))
         hyper = bytes(-(-1563 * 1563 * big.index_bits // 8))
         rows[1]["bitstream"] = bs.write(big, hyper, stream.y)  # 100000², CRC recomputed: consistent, 2.4 MB
-        rows[3]["bitstream"] = bs.write(big, stream.hyper, stream.y)  # the same, its hyper-latent section too short
+        # the same, its hyper-latent section too short (a version 1 stream: version 2 has no such field)
+        rows[3]["bitstream"] = bs.write(replace(big, version=1, model_name="m", model_hash=bytes(8)), stream.hyper, stream.y)
 
     _rewrite(archived / "part-s.parquet", forge)
     stats = _decoder(tiny_codec, archived, tmp_path / "out")(ShardTask(str(archived / "part-s.parquet"), "s"))

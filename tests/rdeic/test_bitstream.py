@@ -95,11 +95,12 @@ def test_inconsistent_header_refused():
         bs.read(bs.write(_header(pad_width=192), b"\x00" * 5, b"y"))
 
 
-def test_model_mismatch(tiny_codec, rng):
-    data = tiny_codec.compress([random_image(rng, 64, 64)])[0]
+@pytest.mark.parametrize("version, digest", [(2, b"\xff" * 2), (1, b"\xff" * 8)])
+def test_model_mismatch(tiny_codec, rng, version, digest):
+    data = tiny_codec.rewrap(tiny_codec.compress([random_image(rng, 64, 64)])[0], version)
     stream = bs.read(data)
-    other = bs.write(_header_from(stream.header, model_hash=b"\xff" * 8), stream.hyper, stream.y)
-    with pytest.raises(ModelMismatchError, match="written by model"):
+    other = bs.write(_header_from(stream.header, model_hash=digest), stream.hyper, stream.y)
+    with pytest.raises(ModelMismatchError, match="written by"):
         tiny_codec.decompress([other])
 
 

@@ -45,9 +45,17 @@ SIDES = (1, 2, 63, 64, 65, 127, 128, 129, 255, 256, 257, 511, 512, 513, 4096, 10
 
 
 @pytest.fixture(scope="module")
-def seeds(tiny_codec) -> list[bytes]:
+def seeds_v2(tiny_codec) -> list[bytes]:
+    """Version 2 streams, one of them with an explicit decode seed (the flag and the optional field)."""
     rng = np.random.default_rng(7)
-    return tiny_codec.compress([random_image(rng, h, w) for h, w in [(1, 1), (64, 64), (70, 90)]])
+    images = [random_image(rng, h, w) for h, w in [(1, 1), (64, 64), (70, 90)]]
+    return tiny_codec.compress(images[:2]) + tiny_codec.compress(images[2:], seeds=[12345])
+
+
+@pytest.fixture(scope="module")
+def seeds(tiny_codec, seeds_v2) -> list[bytes]:
+    """Version 1 streams (the field-level fuzzing below speaks its layout): the same images, rewrapped."""
+    return [tiny_codec.rewrap(data, 1) for data in seeds_v2]
 
 
 # --- (a) fields ---------------------------------------------------------------------------------
@@ -298,3 +306,71 @@ def test_entropy_decoding_stays_in_bounds(tiny_codec, seeds):
             assert np.array_equal(compression.decompress([code]).symbols[0], compression.decompress([longer]).symbols[0])
         outcomes["in bounds"] += 1
     log.info("%d hostile y sections: %s", ENTROPY_CASES, dict(outcomes))
+
+
+# --- version 2 ----------------------------------------------------------------------------------
+
+
+def _v2_fields(data: bytes) -> dict:
+    s = bs.read(data)
+    h = s.header
+    return dict(magic=bs.MAGIC_V2, version=2, flags=(h.index_bits - 1) | (0x20 if h.seed != h.symbols_crc else 0),
+                hash=h.model_hash, width=h.width, height=h.height, symbols_crc=h.symbols_crc, seed=h.seed,
+                hyper=s.hyper, y=s.y)
+
+
+def _v2_encode(f: dict) -> bytes:
+    body = (f["magic"] + bytes([f["version"], f["flags"]]) + f["hash"] + _varint(f["width"]) + _varint(f["height"])
+            + struct.pack("<I", f["symbols_crc"]) + (struct.pack("<I", f["seed"]) if f["flags"] & 0x20 else b"")
+            + f["hyper"] + f["y"])
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def _v2_mutate(rng: np.random.Generator, data: bytes) -> bytes:
+    """One or two v2 fields set to a boundary or random value (sizes with a consistent hyper section
+    half the time), the CRC recomputed."""
+    f = _v2_fields(data)
+    for _ in range(int(rng.integers(1, 3))):
+        field = str(rng.choice(["version", "flags", "hash", "size", "symbols_crc", "seed", "hyper", "y", "magic"]))
+        if field in ("version", "flags"):
+            f[field] = int(rng.choice(U8_VALUES))
+        elif field == "hash":
+            f["hash"] = [rng.bytes(2), bytes(2), f["hash"], rng.bytes(int(rng.integers(0, 4)))][int(rng.integers(4))]
+        elif field == "size":
+            f["width"], f["height"] = (_any_varint(rng) if rng.random() < 0.3 else int(rng.choice(SIDES)) for _ in range(2))
+            # (raw varint bytes pass through _varint as they are: overlong, non-minimal, cut)
+            if rng.random() < 0.5 and all(isinstance(v, int) and 1 <= v <= bs.MAX_SIDE for v in (f["width"], f["height"])):
+                z = (bs.padded(f["height"]) // 64) * (bs.padded(f["width"]) // 64)
+                f["hyper"] = bytes(min(-(-z * ((f["flags"] & 0x1F) + 1) // 8), 1 << 16))
+        elif field in ("symbols_crc", "seed"):
+            f[field] = int(rng.choice(U32_VALUES))
+        elif field == "hyper":
+            f["hyper"] = f["hyper"][: max(len(f["hyper"]) + int(rng.integers(-2, 3)), 0)] + rng.bytes(2)
+        elif field == "y":
+            f["y"] = _hostile_y(rng)
+        else:
+            f["magic"] = [b"RD", b"RE", b"rd", b""][int(rng.integers(4))]
+    return _v2_encode(f)
+
+
+def test_v2_header_fields(tiny_codec, seeds_v2):
+    rng = np.random.default_rng(2027)
+    cases = [_v2_mutate(rng, seeds_v2[i % len(seeds_v2)]) for i in range(HEADER_CASES)]
+    outcomes = _fuzz(tiny_codec, cases, "v2 header mutations")
+    assert outcomes["image"] + outcomes["EntropyDesyncError"] > 0 and outcomes["HeaderError"] > 0
+
+
+def test_v2_bytes(tiny_codec, seeds_v2):
+    rng = np.random.default_rng(2028)
+    cases = [_mutate_bytes(rng, seeds_v2[i % len(seeds_v2)]) for i in range(BYTE_CASES)]
+    outcomes = _fuzz(tiny_codec, cases, "v2 byte mutations")
+    assert outcomes["ChecksumError"] > 0
+
+
+def test_v1_and_v2_of_a_stream_hold_the_same_symbols_and_decode_alike(tiny_codec, seeds_v2):
+    for data in seeds_v2:
+        v1 = tiny_codec.rewrap(data, 1)
+        a, b = bs.read(data), bs.read(v1)
+        assert (a.hyper, a.y, a.header.seed, a.header.symbols_crc) == (b.hyper, b.y, b.header.seed, b.header.symbols_crc)
+        assert tiny_codec.rewrap(v1, 2) == data and len(v1) > len(data)
+        assert np.array_equal(*tiny_codec.decompress([data, v1], steps=1))

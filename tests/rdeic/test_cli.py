@@ -7,6 +7,7 @@ import os
 import resource
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from PIL import Image
 
 from rdeic import bitstream as bs
 from rdeic.cli import main
+from rdeic.codec import Codec
 from tests.helpers import random_image
 from tests.rdeic.test_bitstream import _with_table, forged_size
 
@@ -31,7 +33,9 @@ def test_encode_info_decode(tiny_model_dir, png, tmp_path, capsys):
     assert "bpp" in capsys.readouterr().out
     assert main(["info", str(stream), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["size"] == [90, 70] and info["model_id"].startswith("UNTRAINED-rdeic-tiny@")
+    assert info["size"] == [90, 70] and info["format_version"] == 2
+    assert info["model_id"] == "@" + Codec.load(tiny_model_dir).model_id.digest[:2].hex()  # a v2 stream carries a prefix
+    assert info["container_bytes"] == 16  # 90x70: each side fits one varint byte
     assert main(["decode", str(stream), str(out), "--model", str(tiny_model_dir), "--steps", "5", "--detail", "0.5"]) == 0
     assert np.asarray(Image.open(out)).shape == (70, 90, 3)
 
@@ -82,7 +86,7 @@ def test_model_mismatch_and_missing_inputs(tiny_model_dir, png, tmp_path, capsys
     main(["encode", str(png), str(stream), "--model", str(tiny_model_dir)])
     capsys.readouterr()
     assert main(["decode", str(stream), str(tmp_path / "o.png"), "--model", str(other)]) == 2
-    assert "written by model" in capsys.readouterr().err
+    assert "was written by a model whose id digest starts" in capsys.readouterr().err
     assert main(["encode", str(tmp_path / "missing.png"), str(stream), "--model", str(tiny_model_dir)]) == 2
     assert "No such file" in capsys.readouterr().err
     (tmp_path / "text.png").write_text("not an image")
@@ -143,7 +147,8 @@ def test_info_shows_the_size_and_the_limit_without_decoding(huge, capsys):
     [
         (lambda data: _with_table([(2, 1), (1, 5)], b"y" + bytes(5)), "section 2 at position 1"),
         (lambda data: forged_size(data, bs.MAX_SIDE + 1, 64), "over its limit"),
-        (lambda data: bs.write(bs.read(data).header, bs.read(data).hyper[:-1], bs.read(data).y), "hyper-latent section of"),
+        (lambda data: bs.write(replace(bs.read(data).header, version=1, model_name="m", model_hash=bytes(8)),  # v2 has
+                               bs.read(data).hyper[:-1], bs.read(data).y), "hyper-latent section of"),  # no such field
     ],
 )
 def test_info_and_decode_use_the_same_parser(tiny_codec, tiny_model_dir, rng, tmp_path, capsys, make, message):
