@@ -28,7 +28,7 @@ from .shards import MAX_MEMBER_BYTES, MAX_SIDECAR_BYTES, ShardReader
 
 log = logging.getLogger(__name__)
 
-CODEC_VERSION = "rdeic-archive/0.2 bitstream/1"
+CODEC_VERSION = "rdeic-archive/0.2 bitstream/2"  # per row; parts of one archive may differ in the container version
 DEVICES = ("auto", "cuda", "cpu")  # where workers run (pipelines/distributor.py)
 
 

@@ -184,7 +184,7 @@ class JobOutput:
         return [unit for unit, _ in rewrite]
 
     def _diff(self, theirs: dict) -> list[tuple[str, object, object]]:
-        return [(k, theirs.get(k), v) for k, v in sorted(self.settings.items()) if theirs.get(k) != v]
+        return [(k, theirs.get(k), v) for k, v in sorted(self.settings.items()) if _comparable(k, theirs.get(k)) != _comparable(k, v)]
 
     def uncommit(self, units: list[str]) -> None:
         """Remove committed units this run will redo: marker first, then their files, by a record."""
@@ -240,6 +240,14 @@ class JobOutput:
                 self.control.finish()
         finally:
             self.lease.release()
+
+
+def _comparable(name: str, value: object) -> object:
+    """A setting as runs must agree on it. The codec version's container part is left out: every decoder
+    reads every container version, so an archive's parts may differ in it (the rows record theirs)."""
+    if name == "codec_version" and isinstance(value, str):
+        return value.split(" bitstream/", 1)[0]
+    return value
 
 
 def read_markers(fs, root: str, layout: Layout, units: list[str], bad: dict[str, str] | None = None) -> dict[str, ShardStats]:

@@ -226,3 +226,23 @@ def test_cleaning_a_record_that_another_cleaner_removes_meanwhile_is_not_an_erro
     monkeypatch.setattr(fs, "rm", racing_rm)
     assert ownership.clean(fs, path, attempt.record.name, committed=False) is not None
     assert not (root / "part-b.parquet").exists()
+
+
+def test_units_written_with_the_previous_bitstream_container_still_match(tmp_path):
+    """The container version is not a setting: every decoder reads every version, so an archive written
+    with bitstream/1 grows with bitstream/2 parts; the numerics part of the version still must match."""
+    root = tmp_path / "out"
+    old = {**SETTINGS, "codec_version": "rdeic-archive/0.2 bitstream/1"}
+    out = _output(root, settings=old)
+    out.open()
+    _commit(root, "a", settings=old)
+    _finish(out)
+    newer = _output(root, settings={**SETTINGS, "codec_version": "rdeic-archive/0.2 bitstream/2"}, run_id="run-b")
+    newer.open()
+    assert newer.check_settings({"b"}, overwrite=False) == []
+    newer.close()
+    other = _output(root, settings={**SETTINGS, "codec_version": "rdeic-archive/0.3 bitstream/2"}, run_id="run-c")
+    other.open()
+    with pytest.raises(JobConfigMismatch, match="codec_version"):
+        other.check_settings({"b"}, overwrite=False)
+    other.close()
