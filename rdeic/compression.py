@@ -30,12 +30,11 @@ from typing import Mapping
 
 import numpy as np
 import torch
-from compressai.ans import BufferedRansEncoder, RansDecoder
-from compressai.entropy_models import GaussianConditional
 from torch import nn
 
 from . import checkerboard as ckbd
 from .config import CompressionConfig
+from .entropy import BufferedRansEncoder, GaussianConditional, RansDecoder
 from .errors import ModelFormatError
 from .layers import (
     ChannelContext,

@@ -225,3 +225,19 @@ def test_verify_entropy_decodes_without_diffusion(tiny_codec, rng, monkeypatch):
     assert isinstance(results[1], BadMagicError)
     assert isinstance(results[2], ChecksumError)
     assert isinstance(results[3], EntropyDesyncError)
+
+
+def test_the_codec_imports_no_more_of_compressai_than_it_uses_and_compressai_stays_whole():
+    """`import compressai` pulls in torch_geometric through its point-cloud datasets (2.5 s of start-up
+    here); the codec needs its coder and Gaussian conditional only (rdeic/entropy.py)."""
+    code = textwrap.dedent("""
+        import sys
+        import rdeic.codec
+        print("torch_geometric" in sys.modules, "compressai.datasets" in sys.modules)
+        import compressai
+        print(compressai.get_entropy_coder(), compressai.zoo.__name__, compressai.available_entropy_coders()[0])
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False", "ans", "compressai.zoo", "ans"]
