@@ -42,6 +42,7 @@ from rdeic.metrics import PAIR_METRICS
 from . import archive, storage
 from .archive import ARCHIVE, Layout, ShardStats
 from .compress import CrashSpec, ShardTask, maybe_crash
+from .decode import decode_results
 from .ownership import Attempt
 from .sampling import draw
 from .samples import prepare
@@ -327,8 +328,9 @@ class PartAuditor:
         for start in range(0, len(todo), self.spec.batch_size):
             batch = todo[start:start + self.spec.batch_size]
             t0 = time.perf_counter()
-            results = self.codec.decompress_results([rows[j]["bitstream"] for j in batch], steps=self.spec.steps,
-                                                    detail=self.spec.detail, max_pixels=self.spec.max_pixels)
+            results = decode_results(self.codec, [rows[j]["bitstream"] for j in batch], self.spec.steps, self.spec.detail,
+                                     self.spec.max_pixels, self.worker_info.get("device", "the device"),
+                                     [rows[j]["key"] for j in batch])
             each = (time.perf_counter() - t0) / len(batch)
             for j, result in zip(batch, results):
                 out[j]["decode_seconds"] = each

@@ -206,29 +206,40 @@ class PartDecoder:
         stats.model_seconds += time.perf_counter() - t0
 
     def _decode(self, rows: list[dict]) -> list:
-        """Images, or a BitstreamError per refused row. Anything else the decoder raises is the worker's
-        failure, not the row's (InfraError): a batch is first split to find it, so one bad row cannot
-        hide behind a batch, and a bug or a sick device never commits a part of error rows."""
-        try:
-            return self.codec.decompress_results([r["bitstream"] for r in rows], steps=self.spec.steps,
-                                                 detail=self.spec.detail, max_pixels=self.spec.max_pixels)
-        except BitstreamError as exc:  # a check that only decoding can make: that row's outcome
-            if len(rows) == 1:
-                return [exc]
-            return self._decode(rows[: len(rows) // 2]) + self._decode(rows[len(rows) // 2:])
-        except Exception as exc:
-            if len(rows) > 1 and (reasons.is_out_of_memory(exc) or not reasons.is_device_error(exc)):
-                half = len(rows) // 2
-                log.warning("decoding a batch of %d failed (%s); retrying in halves", len(rows), type(exc).__name__)
-                return self._decode(rows[:half]) + self._decode(rows[half:])
-            where = f" on row {rows[0]['key']!r}" if len(rows) == 1 else ""
-            raise reasons.InfraError(f"decoding failed{where} on {self.worker_info.get('device', 'the device')}: "
-                                     f"{type(exc).__name__}: {str(exc)[:300]}") from exc
+        return decode_results(self.codec, [r["bitstream"] for r in rows], self.spec.steps, self.spec.detail,
+                              self.spec.max_pixels, self.worker_info.get("device", "the device"), [r["key"] for r in rows])
 
     @staticmethod
     def _fail(stats: ShardStats, key: str, code: str, reason: str) -> None:
         stats.count_error(code, reason)
         stats.failed_keys.append({"key": key, "code": code, "reason": reason})
+
+
+def decode_results(codec, bitstreams: list[bytes], steps: int | None, detail: float, max_pixels: int | None,
+                   device: str = "the device", keys: list[str] | None = None) -> list:
+    """Images, or a BitstreamError per refused stream, as a worker decodes them (decode and audit jobs).
+
+    Anything else the decoder raises is the worker's failure, not the row's (InfraError): a batch is
+    first split to find it, so one bad row cannot hide behind a batch, and a bug or a sick device
+    never commits a unit of error rows; out of memory on a batch is retried in halves.
+    """
+    keys = keys or [str(i) for i in range(len(bitstreams))]
+    try:
+        return codec.decompress_results(bitstreams, steps=steps, detail=detail, max_pixels=max_pixels)
+    except BitstreamError as exc:  # a check that only decoding can make: that row's outcome
+        if len(bitstreams) == 1:
+            return [exc]
+        half = len(bitstreams) // 2
+        return (decode_results(codec, bitstreams[:half], steps, detail, max_pixels, device, keys[:half])
+                + decode_results(codec, bitstreams[half:], steps, detail, max_pixels, device, keys[half:]))
+    except Exception as exc:
+        if len(bitstreams) > 1 and (reasons.is_out_of_memory(exc) or not reasons.is_device_error(exc)):
+            half = len(bitstreams) // 2
+            log.warning("decoding a batch of %d failed (%s); retrying in halves", len(bitstreams), type(exc).__name__)
+            return (decode_results(codec, bitstreams[:half], steps, detail, max_pixels, device, keys[:half])
+                    + decode_results(codec, bitstreams[half:], steps, detail, max_pixels, device, keys[half:]))
+        where = f" on row {keys[0]!r}" if len(bitstreams) == 1 else ""
+        raise reasons.InfraError(f"decoding failed{where} on {device}: {type(exc).__name__}: {str(exc)[:300]}") from exc
 
 
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
