@@ -176,7 +176,7 @@ def _headline(summary: dict, baselines: list[str], unavailable: dict) -> str:
         if agg.get("skipped"):
             out.append(f'<p class="muted">{_e(name)}: {_e(agg["skipped"])} images skipped '
                        f'({_e(agg.get("skipped_reason") or "no reason given")})</p>')
-        if agg.get("patches") is not None:
+        if agg.get("patches") is not None and name not in unavailable:
             out.append(f'<p class="muted">{_e(name)}: over {_e(agg["patches"])} patches of 256²</p>')
         if agg.get("warning"):
             out.append(f'<p class="fail">{_e(name)}: {_e(agg["warning"])}</p>')
