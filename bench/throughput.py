@@ -1,4 +1,4 @@
-"""What the codec spends besides the model: today, the container's bytes (issue 11's first figure).
+"""What the codec spends besides the model: the container's bytes, and the entropy coders' time.
 
 For 512² and 768×512 images at 0.02, 0.05 and 0.1 bpp, streams of both container versions are
 written by ``rdeic.bitstream.write`` around the same payload (the hyper indices of the sd21
@@ -7,7 +7,16 @@ bytes (everything but the payload) are printed, and their share of the rate. The
 version 1 is ``--name`` (the README's converted model, ``rdeic-2-step2``, by default). Nothing
 here is timed, so the figures do not depend on the machine.
 
-Run: ``python bench/throughput.py [--name rdeic-2-step2]``; prints a Markdown table.
+``--coders`` adds the entropy coders, measured in one run on the same symbols: compressai's rANS
+as the codec calls it (``tolist()`` of the arrays included) and constriction's ANS stack coder
+with a quantized Gaussian per symbol (optional: ``pip install constriction==0.5.0``; it writes
+other bytes, so it could only come with a new format version). The symbols are the bundled model's,
+coding a 512² crop of an example photo (48 channels: 49,152 symbols), and the same repeated to
+the sd21 size (320 channels: 327,680 symbols).
+Per image: encode and decode milliseconds (median of ``--repeat``), the bytes, and the speed-up of
+coding two images in two threads (about 1: the coder holds the GIL) and in two processes.
+
+Run: ``python bench/throughput.py [--name rdeic-2-step2] [--coders] [--repeat 5]``; prints Markdown tables.
 """
 
 from __future__ import annotations
@@ -37,9 +46,148 @@ def stream(version: int, width: int, height: int, bpp: float, name: str) -> tupl
     return len(data), len(data) - len(hyper) - len(y)
 
 
+def symbols(n: int):
+    """``n`` y symbols and their scale indexes, as the bundled model codes a photo (the example shards'
+    first, cropped to 512²; repeated to fill the sd21 size), and the coder's tables."""
+    import io
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    import rdeic.compression
+    from rdeic.cli import default_model
+    from rdeic.codec import Codec
+
+    with tarfile.open(Path(__file__).resolve().parent.parent / "examples" / "shards" / "photos-000000.tar") as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith((".jpg", ".png")))
+        photo = np.asarray(Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB"))[:512, :512]
+    real = rdeic.compression.BufferedRansEncoder
+    seen = []
+
+    class Recording:  # the codec's own call, recorded
+        def __init__(self):
+            self.inner = real()
+
+        def encode_with_indexes(self, sym, idx, *tables):
+            seen.append((np.array(sym, np.int32), np.array(idx, np.int32), tables))
+            return self.inner.encode_with_indexes(sym, idx, *tables)
+
+        def flush(self):
+            return self.inner.flush()
+
+    codec = Codec.load(default_model())
+    rdeic.compression.BufferedRansEncoder = Recording
+    try:
+        codec.compress([photo])
+    finally:
+        rdeic.compression.BufferedRansEncoder = real
+    sym, idx, tables = seen[0]
+    reps = -(-n // len(sym))
+    scales = codec.model.compression.gaussian_conditional.scale_table.double().numpy()
+    return np.tile(sym, reps)[:n], np.tile(idx, reps)[:n], scales, tables
+
+
+def compressai_coder(sym, idx, tables):
+    from rdeic.entropy import BufferedRansEncoder, RansDecoder
+
+    def encode() -> bytes:
+        encoder = BufferedRansEncoder()
+        encoder.encode_with_indexes(sym.tolist(), idx.tolist(), *tables)
+        return encoder.flush()
+
+    def decode(data: bytes):
+        decoder = RansDecoder()
+        decoder.set_stream(data)
+        return decoder.decode_stream(idx.tolist(), *tables)
+
+    return encode, decode
+
+
+def constriction_coder(sym, idx, scales):
+    import constriction
+    import numpy as np
+
+    family = constriction.stream.model.QuantizedGaussian(-1000, 1000)
+    means, stds = np.zeros(len(sym)), scales[idx]
+
+    def encode():
+        coder = constriction.stream.stack.AnsCoder()
+        coder.encode_reverse(sym, family, means, stds)
+        return coder.get_compressed()
+
+    def decode(data):
+        return constriction.stream.stack.AnsCoder(data).decode(family, means, stds)
+
+    return encode, decode
+
+
+def _median_ms(fn, repeat: int) -> float:
+    import statistics
+    import time
+
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+def _parallel_speedup(fn, repeat: int) -> tuple[float, float]:
+    """Time of 2 images one after the other ÷ time of 2 at once, in 2 threads and in 2 processes."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    one = _median_ms(lambda: (fn(), fn()), repeat)
+    with ThreadPoolExecutor(2) as pool:
+        threads = _median_ms(lambda: list(pool.map(lambda _: fn(), range(2))), repeat)
+    import multiprocessing
+
+    global _JOB
+    _JOB = fn  # forked workers inherit it (closures do not pickle)
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        pool.map(_run_job, range(2))  # started and warm
+        t0 = time.perf_counter()
+        for _ in range(repeat):
+            pool.map(_run_job, range(2))
+        processes = 1000 * (time.perf_counter() - t0) / repeat
+    return one / threads, one / processes
+
+
+_JOB = None
+
+
+def _run_job(_: int) -> int:
+    _JOB()
+    return 0
+
+
+def coders(repeat: int) -> None:
+    import constriction  # noqa: F401  (say early that the optional coder is missing)
+    import torch
+
+    print(f"\nEntropy coders, one image's y symbols; median of {repeat}; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads available\n")
+    print("| coder | symbols | encode ms | decode ms | bytes | 2 threads ÷ 1 (encode) | 2 processes ÷ 1 (encode) |")
+    print("|---|---|---|---|---|---|---|")
+    for label, n in (("tiny 512²", 32 * 32 * 48), ("sd21 512²", 32 * 32 * 320)):
+        sym, idx, scales, tables = symbols(n)
+        for name, (encode, decode) in (("compressai rANS", compressai_coder(sym, idx, tables)),
+                                       ("constriction ANS", constriction_coder(sym, idx, scales))):
+            data = encode()
+            assert list(decode(data)) == sym.tolist(), f"{name} did not round-trip"
+            enc, dec = _median_ms(encode, repeat), _median_ms(lambda: decode(data), repeat)
+            size = len(data) if isinstance(data, bytes) else data.nbytes
+            threads, processes = _parallel_speedup(encode, max(repeat // 2, 2))
+            print(f"| {name} | {label}: {n:,} | {enc:.1f} | {dec:.1f} | {size:,} | {threads:.2f} | {processes:.2f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--name", default="rdeic-2-step2", help="model name carried by version 1 streams")
+    p.add_argument("--coders", action="store_true", help="also time the entropy coders (needs constriction)")
+    p.add_argument("--repeat", type=int, default=5)
     args = p.parse_args()
     print(f"\n`bench/throughput.py`: container bytes around the payload; version 1 with the model name {args.name!r} "
           f"({len(args.name)} bytes), the default seed (the symbols CRC), {INDEX_BITS}-bit hyper indices\n")
@@ -50,6 +198,8 @@ def main() -> None:
             total1, c1 = stream(1, width, height, bpp, args.name)
             total2, c2 = stream(2, width, height, bpp, args.name)
             print(f"| {width}×{height} | {bpp} | {total2} | {c1} B | {100 * c1 / total1:.1f} % | {c2} B | {100 * c2 / total2:.1f} % |")
+    if args.coders:
+        coders(args.repeat)
 
 
 if __name__ == "__main__":
