@@ -25,6 +25,7 @@ import yaml
 from .config import ConfigError, from_dict, to_dict
 from .data import CropSpec, ShardImages, batches, expand
 from .losses import LossWeights, StageLoss
+from .metrics import MS_SSIM_MIN_SIDE
 from .model import RDEIC
 from .weights import init_model, load_model, save_model
 
@@ -92,6 +93,14 @@ class TrainConfig:
             raise ConfigError(f"perceptual must be lpips, ms_ssim or none, got {self.perceptual!r}")
         if self.steps < 1 or self.data.batch_size < 1:
             raise ConfigError("steps and data.batch_size must be >= 1")
+        for key in ("checkpoint_every", "log_every", "keep_checkpoints"):
+            if getattr(self, key) < 1:  # 0 divided by zero, or deleted each checkpoint as soon as it was written
+                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.validate_every < 0:
+            raise ConfigError(f"validate_every must be >= 0 (0: only at the end), got {self.validate_every}")
+        if self.perceptual == "ms_ssim" and self.stage in ("stage2", "vae") and self.crop < MS_SSIM_MIN_SIDE:
+            raise ConfigError(f"data.crop must be at least {MS_SSIM_MIN_SIDE} with perceptual: ms_ssim (its five scales), "
+                              f"got {self.crop}")
 
     @property
     def crop(self) -> int:

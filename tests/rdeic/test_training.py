@@ -105,3 +105,18 @@ def test_checkpoints_on_object_storage_and_resume_from_there(shards, s3):
     resumed = []
     train(_config(shards, None, output=f"s3://{bucket}/runs/a", steps=3), report=resumed.append)
     assert resumed[0]["step"] == 3
+
+
+@pytest.mark.parametrize("over, key", [
+    ({"checkpoint_every": 0}, "checkpoint_every"),  # was a ZeroDivisionError at the first step
+    ({"log_every": 0}, "log_every"),  # the same
+    ({"keep_checkpoints": 0}, "keep_checkpoints"),  # deleted every checkpoint right after writing it
+    ({"validate_every": -1}, "validate_every"),
+    ({"stage": "stage2", "perceptual": "ms_ssim", "data": {"shards": ["x"], "crop": 128}}, "data.crop"),  # an assertion traceback
+])
+def test_settings_that_would_fail_or_destroy_work_are_refused_when_read(over, key):
+    from rdeic.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=key) as info:
+        _config("x", None, **over)
+    assert "\n" not in str(info.value)
