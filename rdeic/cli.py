@@ -223,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--sd", required=True, help="SD 2.1-base: a diffusers folder or the single-file v2-1_512-ema-pruned checkpoint")
     c.add_argument("--rdeic", required=True, help="the authors' checkpoint, e.g. rdeic_2_step2.ckpt (or its state_dict)")
     c.add_argument("--rdeic-config", help="the authors' model YAML (default: their configs/model/rdeic.yaml sizes)")
-    c.add_argument("--text-embedding", help="a file holding the (1, 77, 1024) empty-prompt embedding, if the SD weights lack a text encoder")
+    c.add_argument("--text-embedding", help="the (1, 77, 1024) empty-prompt embedding, if the SD weights lack a text encoder: a file of one "
+                        "tensor (torch.save of the tensor or of a dict holding only it, or safetensors)")
     c.add_argument("--name", help="model name (default: from the checkpoint's file name)")
     c.add_argument("--out", required=True)
     c.set_defaults(func=cmd_convert)

@@ -32,27 +32,49 @@ log = logging.getLogger(__name__)
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Tensors of a checkpoint file (.safetensors, or .ckpt/.pt/.bin through weights_only unpickling)."""
+    """Tensors of a checkpoint file: safetensors, or torch's zip or legacy format through weights_only unpickling
+    (a state dict, a Lightning checkpoint's ``state_dict``, or a bare tensor as ``{"tensor": t}``)."""
     path = Path(path)
     if not path.is_file():
         raise ModelFormatError(f"{path}: no such checkpoint file")
-    if path.suffix == ".safetensors":
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[8:9] == b"{" and not head.startswith(_TORCH_MAGIC):  # safetensors: a u64 header length, then JSON
         from safetensors.torch import load_file
 
-        return load_file(str(path))
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0][:200]
-        raise ModelFormatError(
-            f"{path} holds Python objects besides tensors and is not unpickled here ({first}); "
-            f"extract its state_dict in a trusted environment: torch.save(torch.load(p)['state_dict'], 'state.pt')"
-        ) from None
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # the library's own errors, whatever the damage
+            raise ModelFormatError(f"{path} is not a readable safetensors file ({str(exc)[:200]}): a truncated or "
+                                   "damaged download? fetch it again") from None
+    data = _torch_load(path, zip_format=head.startswith(b"PK\x03\x04"))
+    if isinstance(data, torch.Tensor):
+        return {"tensor": data}
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise ModelFormatError(f"{path} is not a state dict of tensors")
     return data
+
+
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80\x02")  # torch's zip format; its legacy format starts with a pickle
+
+
+def _torch_load(path: Path, zip_format: bool):
+    """torch.load(weights_only=True), its failures told apart: a cut file, or objects that need code to unpickle."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zip_format)  # mmap: zip format only
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0][:200]
+        raise ModelFormatError(
+            f"{path} holds Python objects besides tensors and is not unpickled here ({first}); "
+            f"extract its state_dict in a trusted environment: torch.save(torch.load(p)['state_dict'], 'state.pt')"
+        ) from None
+    except (RuntimeError, EOFError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0][:160]
+        kind = "a torch zip file" if zip_format else "a torch file of the legacy format"
+        raise ModelFormatError(f"{path} looks like {kind} but cannot be read ({first}): a truncated or damaged "
+                               "download? compare its size and checksum with the source and fetch it again") from None
 
 
 # --------------------------------------------------------- the authors' YAML
@@ -258,11 +280,19 @@ def sd_state(path: str | os.PathLike, config: ModelConfig) -> tuple[dict, dict, 
 
 
 def read_text_embedding(path: str | os.PathLike, length: int, dim: int) -> torch.Tensor:
+    """The empty prompt's (1, length, dim) text embedding from a file of one tensor (a bare tensor, a dict of
+    one, or safetensors); (length, dim) is taken as one prompt, and a batch of them gives its first."""
     state = read_checkpoint(path)
     if len(state) != 1:
-        raise ModelFormatError(f"{path} must hold exactly one tensor, the (1, {length}, {dim}) embedding")
-    tensor = next(iter(state.values())).float().reshape(-1, length, dim)[:1]
-    return tensor
+        raise ModelFormatError(f"{path} must hold exactly one tensor, the (1, {length}, {dim}) embedding; "
+                               f"it holds {len(state)}: {', '.join(list(state)[:5])}")
+    tensor = next(iter(state.values()))
+    if tensor.dim() == 2:
+        tensor = tensor[None]
+    if tensor.dim() != 3 or tuple(tensor.shape[1:]) != (length, dim) or tensor.shape[0] < 1:
+        raise ModelFormatError(f"{path} holds a tensor of shape {tuple(tensor.shape)}; this model needs the empty "
+                               f"prompt's (1, {length}, {dim}) embedding (its text encoder's width is {dim})")
+    return tensor[:1].float()
 
 
 # ------------------------------------------------------------------ assembly

@@ -96,3 +96,38 @@ def test_unpickling_is_refused_for_arbitrary_objects(tmp_path):
         read_checkpoint(path)
     torch.save({"state_dict": {"a": torch.ones(2)}, "epoch": 3}, tmp_path / "ok.ckpt")
     assert torch.equal(read_checkpoint(tmp_path / "ok.ckpt")["a"], torch.ones(2))
+
+
+@pytest.mark.parametrize("save", [
+    lambda t, p: torch.save(t, p),  # a bare tensor
+    lambda t, p: torch.save({"embedding": t}, p),  # a dict of one tensor
+    lambda t, p: __import__("safetensors.torch").torch.save_file({"c": t}, str(p)),
+])
+def test_the_text_embedding_may_be_a_tensor_a_dict_of_one_or_safetensors(tmp_path, save):
+    from rdeic.convert import read_text_embedding
+
+    tensor = torch.randn(1, 77, 32)
+    save(tensor, tmp_path / "e.pt")
+    assert torch.equal(read_text_embedding(tmp_path / "e.pt", 77, 32), tensor)
+
+
+@pytest.mark.parametrize("shape", [(1, 77, 1024), (1, 77, 768), (77 * 32,), (2, 76, 32)])
+def test_a_text_embedding_of_another_shape_is_refused_naming_both(tmp_path, shape):
+    from rdeic.convert import read_text_embedding
+
+    torch.save(torch.zeros(shape), tmp_path / "e.pt")
+    with pytest.raises(ModelFormatError) as info:
+        read_text_embedding(tmp_path / "e.pt", 77, 32)
+    assert str(tuple(shape)) in str(info.value) and "(1, 77, 32)" in str(info.value)
+
+
+def test_a_damaged_or_legacy_checkpoint_is_named_for_what_it_is(tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save({"w": torch.zeros(1000)}, good)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(ModelFormatError, match="truncated or damaged"):
+        read_checkpoint(cut)
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"w": torch.zeros(3)}, legacy, _use_new_zipfile_serialization=False)
+    assert torch.equal(read_checkpoint(legacy)["w"], torch.zeros(3))  # the pre-1.6 format still reads
