@@ -21,13 +21,23 @@ from .config import DiffusionConfig
 
 
 def space_timesteps(num_timesteps: int, count: int) -> list[int]:
-    """``count`` evenly spread steps of ``range(num_timesteps)`` (guided-diffusion's rule), ascending."""
+    """``count`` evenly spread steps of ``range(num_timesteps)``, ascending.
+
+    The authors' rule (guided diffusion's): a fractional stride added up in floating point, each
+    position rounded; the sums differ from ``i × stride`` in the last bit, which moves a rounding
+    for some counts (29 steps: 149, not 150). One step is the exception: their rule takes it at
+    t = 0, on a latent the relay has noised to the top; here it is taken at the top.
+    """
     if not 1 <= count <= num_timesteps:
         raise ValueError(f"steps must be in [1, {num_timesteps}], got {count}")
     if count == 1:
-        return [0]
+        return [num_timesteps - 1]
     stride = (num_timesteps - 1) / (count - 1)
-    return sorted({round(i * stride) for i in range(count)})
+    taken, position = set(), 0.0
+    for _ in range(count):
+        taken.add(round(position))
+        position += stride
+    return sorted(taken)
 
 
 @dataclass(frozen=True)

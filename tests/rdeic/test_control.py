@@ -100,7 +100,7 @@ def test_schedule_closed_forms():
 def test_respaced_timesteps():
     assert space_timesteps(300, 2) == [0, 299]
     assert space_timesteps(300, 5) == [0, 75, 150, 224, 299]
-    assert space_timesteps(300, 1) == [0]
+    assert space_timesteps(300, 1) == [299]  # one step is taken where the relay starts, not at t = 0
     with pytest.raises(ValueError):
         space_timesteps(300, 301)
 
@@ -126,3 +126,39 @@ def test_sampler_matches_ddpm_posterior_by_hand():
     x = mean + math.sqrt(beta * (1 - a0) / (1 - a1)) * noise[0]
     expected = (x - math.sqrt(1 - a0) * eps_seq[1]) / math.sqrt(a0)  # last step returns x0
     assert torch.allclose(out, expected, atol=1e-5)
+
+
+def _authors_rule(num_timesteps: int, count: int) -> list[int]:
+    """guided-diffusion's space_timesteps (the authors' sampler), one section: a fractional stride
+    accumulated in floating point, each position rounded."""
+    from itertools import accumulate
+
+    stride = (num_timesteps - 1) / (count - 1) if count > 1 else 1
+    return sorted({round(p) for p in accumulate([0.0] + [stride] * (count - 1))})
+
+
+def test_respaced_timesteps_follow_the_authors_rule_for_every_step_count():
+    differ = [n for n in range(2, 301) if space_timesteps(300, n) != _authors_rule(300, n)]
+    assert differ == []
+    assert 149 in space_timesteps(300, 29) and 150 not in space_timesteps(300, 29)  # round(14 × 299/28) would give 150
+
+
+def test_one_step_decodes_nearly_as_well_as_two():
+    """L = 1 used to run its one UNet pass at t = 0 on a latent noised to the top (15.0 vs 23.0 dB here)."""
+    import io
+    import tarfile
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    from rdeic.cli import default_model
+    from rdeic.codec import Codec
+    from rdeic.metrics import psnr
+
+    with tarfile.open(Path(__file__).resolve().parents[2] / "examples" / "shards" / "photos-000000.tar") as tar:
+        image = np.asarray(Image.open(io.BytesIO(tar.extractfile("chelsea.png").read())).convert("RGB"))[:256, :256]
+    codec = Codec.load(default_model())
+    data = codec.compress([image])[0]
+    one, two = (codec.decompress([data], steps=steps)[0] for steps in (1, 2))
+    assert psnr(image, one) > psnr(image, two) - 3
