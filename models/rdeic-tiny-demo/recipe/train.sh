@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces models/rdeic-tiny-demo from photographs installed with scikit-image and matplotlib.
-# Run from the repository root in the project's environment: bash models/rdeic-tiny-demo/recipe/train.sh
+# Run from the repository root in the project's environment with the demo extra (scikit-image):
+#   pip install -c requirements.lock -e ".[demo]" && bash models/rdeic-tiny-demo/recipe/train.sh
 set -euo pipefail
 recipe=models/rdeic-tiny-demo/recipe
 python "$recipe/prepare_data.py" --out out/demo-data --examples examples/shards
