@@ -171,10 +171,9 @@ class Codec:
     def rewrap(self, data: bytes, version: int = bs.FORMAT_VERSION) -> bytes:
         """The same stream in container ``version`` (1 or 2) for this model: header fields, symbols and
         payload bytes unchanged, no model run; version 1 carries this model's name and full digest."""
-        h = self.parse(data).header
-        stream = bs.read(data)
+        stream = self.parse(data)
         name, digest = (self.model_id.name, self.model_id.digest) if version == 1 else ("", self.model_id.digest[:bs.V2_HASH_BYTES])
-        return bs.write(replace(h, version=version, model_name=name, model_hash=digest), stream.hyper, stream.y)
+        return bs.write(replace(stream.header, version=version, model_name=name, model_hash=digest), stream.hyper, stream.y)
 
     # ----------------------------------------------------------- decompress
     def parse(self, data: bytes) -> bs.Bitstream:
@@ -232,21 +231,11 @@ class Codec:
         """
         steps = self.check_decode_args(steps, detail, max_pixels)
         results: list[np.ndarray | BitstreamError] = [None] * len(bitstreams)  # type: ignore[list-item]
-        groups: dict[tuple[int, int], list[tuple[int, bs.Bitstream]]] = defaultdict(list)
-        for i, data in enumerate(bitstreams):
-            try:
-                stream = self._accept(data, max_pixels)
-            except BitstreamError as exc:
-                results[i] = exc
-                continue
-            groups[(stream.header.pad_height, stream.header.pad_width)].append((i, stream))
-        for members in groups.values():
-            for start in range(0, len(members), self.max_batch):
-                batch = members[start:start + self.max_batch]
-                with self._numerics():
-                    images = self._decode_batch([s for _, s in batch], steps, float(detail))
-                for (i, _), image in zip(batch, images):
-                    results[i] = image
+        for batch in self._accepted_batches(bitstreams, max_pixels, results):
+            with self._numerics():
+                images = self._decode_batch([s for _, s in batch], steps, float(detail))
+            for (i, _), image in zip(batch, images):
+                results[i] = image
         return results
 
     @torch.no_grad()
@@ -257,23 +246,29 @@ class Codec:
         the payload, and the entropy decoder's symbols against the encoder's CRC.
         """
         results: list[BitstreamError | None] = [None] * len(bitstreams)
-        groups: dict[tuple, list[tuple[int, bs.Bitstream]]] = defaultdict(list)
+        for batch in self._accepted_batches(bitstreams, max_pixels, results):
+            with self._numerics():
+                crcs = self.model.compression.decompress([self._latent_code(s) for _, s in batch]).symbols_crc
+            for (i, s), crc in zip(batch, crcs):
+                if crc != s.header.symbols_crc:
+                    results[i] = _desync()
+        return results
+
+    def _accepted_batches(self, bitstreams: Sequence[bytes], max_pixels: int | None,
+                          results: list) -> Iterable[list[tuple[int, bs.Bitstream]]]:
+        """Batches (position, stream) of the accepted streams, each of one padded size and so of one latent
+        shape; a refused stream's error goes to ``results`` at its position."""
+        groups: dict[tuple[int, int], list[tuple[int, bs.Bitstream]]] = defaultdict(list)
         for i, data in enumerate(bitstreams):
             try:
                 stream = self._accept(data, max_pixels)
             except BitstreamError as exc:
                 results[i] = exc
                 continue
-            groups[(stream.header.y_shape, stream.header.z_shape)].append((i, stream))
+            groups[(stream.header.pad_height, stream.header.pad_width)].append((i, stream))
         for members in groups.values():
             for start in range(0, len(members), self.max_batch):
-                batch = members[start:start + self.max_batch]
-                with self._numerics():
-                    crcs = self.model.compression.decompress([self._latent_code(s) for _, s in batch]).symbols_crc
-                for (i, s), crc in zip(batch, crcs):
-                    if crc != s.header.symbols_crc:
-                        results[i] = EntropyDesyncError("entropy decoding desynchronised: decoded symbols do not match the encoder's CRC")
-        return results
+                yield members[start:start + self.max_batch]
 
     def _accept(self, data: bytes, max_pixels: int | None) -> bs.Bitstream:
         """Parse, check the size, then the payload (the indices are unpacked only once the size is acceptable)."""
@@ -302,9 +297,7 @@ class Codec:
         latents = self.model.compression.decompress(codes)
         z_c, hint = latents.z_c, latents.guide_hint
         ok = [k for k, (s, crc) in enumerate(zip(streams, latents.symbols_crc)) if crc == s.header.symbols_crc]
-        out: list[np.ndarray | BitstreamError] = [
-            EntropyDesyncError("entropy decoding desynchronised: decoded symbols do not match the encoder's CRC")
-        ] * len(streams)
+        out: list[np.ndarray | BitstreamError] = [_desync()] * len(streams)
         if not ok:
             return out
         dtype = self.model.dtype
@@ -329,3 +322,7 @@ class Codec:
         start = torch.stack([draws[0] for draws in per_image])
         step_noises = [torch.stack([draws[k] for draws in per_image]) for k in range(1, steps)]
         return start, step_noises
+
+
+def _desync() -> EntropyDesyncError:
+    return EntropyDesyncError("entropy decoding desynchronised: decoded symbols do not match the encoder's CRC")
