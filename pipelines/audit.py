@@ -240,6 +240,8 @@ class PartAuditor:
         originals = self._originals([rows[i] for i in picked], out)
         decoded = self._decode([rows[i] for i in picked], out)
         real, fake = [], []
+        windows: dict[int, tuple[slice, slice]] = {}  # where each image's crops are cut
+        baseline_cuts: dict[int, dict[str, np.ndarray]] = {}  # only the crops of the baselines' decodings are kept
         for j, row in enumerate(out):
             if row["outcome"] != "ok":
                 stats.errors += 1  # the sample's outcome, not an archive error: no reason code of compress
@@ -253,11 +255,13 @@ class PartAuditor:
                 real.append(self.suite.features([original]))
                 fake.append(self.suite.features([image]))
             row["metric_seconds"] = time.perf_counter() - t0
-            self._baselines(row, original)
+            top, left = _worst_window(original, image, CROP)
+            windows[j] = (slice(top, top + CROP), slice(left, left + CROP))
+            baseline_cuts[j] = self._baselines(row, original, windows[j])
             stats.ok += 1
             stats.pixels += row["width"] * row["height"]
             stats.bitstream_bytes += row["num_bytes"]
-        self._crops(out, originals, decoded)
+        self._crops(out, originals, decoded, windows, baseline_cuts)
         features = {}
         if real:
             features = {"real": np.concatenate(real).astype(np.float32), "fake": np.concatenate(fake).astype(np.float32)}
@@ -269,16 +273,23 @@ class PartAuditor:
                    width=row["width"], height=row["height"], outcome="ok", bpp=row["bpp"], num_bytes=row["num_bytes"])
         return out
 
-    def _source(self, url: str) -> str:
-        if self.spec.source_root:
-            return storage.join(self.spec.source_root, posixpath.basename(url.rstrip("/")))
-        return url
+    def _source(self, url: str) -> str | None:
+        """Where the row's source shard is now (None: the row names no shard file); under --source-root,
+        only the file name is kept from the row, so no row can point above that folder."""
+        if not self.spec.source_root:
+            return url
+        name = posixpath.basename(url.rstrip("/"))
+        return None if name in ("", ".", "..") else storage.join(self.spec.source_root, name)
 
     def _originals(self, rows: list[dict], out: list[dict]) -> dict[int, np.ndarray]:
         """Each sampled row's original as RGB, read back from its source shard; else its outcome says why."""
         by_source: dict[str, dict[str, int]] = {}
         for j, row in enumerate(rows):
-            by_source.setdefault(self._source(row["source_shard"]), {})[row["key"]] = j
+            url = self._source(row["source_shard"])
+            if url is None:
+                out[j]["outcome"], out[j]["reason"] = "source_missing", f"the row's source {row['source_shard']!r} names no shard file"
+                continue
+            by_source.setdefault(url, {})[row["key"]] = j
         images: dict[int, np.ndarray] = {}
         for url, wanted in by_source.items():
             error = self._read_source(url, wanted, rows, out, images)
@@ -340,10 +351,12 @@ class PartAuditor:
                     images[j] = result
         return images
 
-    def _baselines(self, row: dict, original: np.ndarray) -> None:
+    def _baselines(self, row: dict, original: np.ndarray, cut: tuple[slice, slice]) -> dict[str, np.ndarray]:
+        """Each baseline at the row's rate, measured; returns their decodings' crops at ``cut``."""
         from rdeic.baselines import BaselineUnavailableError, matched
 
         t0 = time.perf_counter()
+        cuts = {}
         for fmt in self.spec.baselines:
             if fmt in self.unavailable:
                 continue
@@ -356,26 +369,23 @@ class PartAuditor:
             for name, value in self.suite.pair(original, b.decoded).items():
                 if name != "niqe":
                     row[f"{fmt}_{name}"] = value
+            cuts[fmt] = b.decoded[cut]
         row["baseline_seconds"] = time.perf_counter() - t0
+        return cuts
 
     # ---------------------------------------------------------------- crops
-    def _crops(self, out: list[dict], originals: dict, decoded: dict) -> None:
+    def _crops(self, out: list[dict], originals: dict, decoded: dict, windows: dict, baseline_cuts: dict) -> None:
         """PNG crops (original | RDEIC | best baseline) of this part's worst images, where they differ most."""
         ok = [j for j, row in enumerate(out) if row["outcome"] == "ok"]
         metric = "lpips" if any(out[j]["lpips"] is not None for j in ok) else "psnr"
         worst = sorted(ok, key=lambda j: _badness(out[j], metric))[: self.spec.worst_k]
         for j in worst:
-            row, original, image = out[j], originals[j], decoded[j]
-            top, left = _worst_window(original, image, CROP)
-            cut = (slice(top, top + CROP), slice(left, left + CROP))
+            row, original, image, cut = out[j], originals[j], decoded[j], windows[j]
             row["crop_original"], row["crop_rdeic"] = encode_png(original[cut]), encode_png(image[cut])
             row["crop_why"] = f"{metric} {row[metric]:.4g}" if row[metric] is not None else metric
             best = self._best_baseline(row, metric)
             if best is not None:
-                from rdeic.baselines import matched
-
-                row["crop_baseline"] = encode_png(matched(original, row["bpp"], best).decoded[cut])
-                row["crop_baseline_name"] = best
+                row["crop_baseline"], row["crop_baseline_name"] = encode_png(baseline_cuts[j][best]), best
 
     def _best_baseline(self, row: dict, metric: str) -> str | None:
         scored = [(b, row.get(f"{b}_{metric}")) for b in self.spec.baselines]
