@@ -31,7 +31,7 @@ from pipelines import audit_summary, gate, storage
 from pipelines.archive import ARCHIVE, COMMITS, committed_part_ids, part_name
 from pipelines.audit import FEATURES, FINDINGS, LAYOUT, SAMPLES, AuditSpec, sample_schema
 from pipelines.compress import ShardTask
-from pipelines.lease import Lease, LeaseLost, new_run_id
+from pipelines.lease import LEASE, Holder, Lease, LeaseLost, new_run_id
 from pipelines.manifest import RESERVED, JobOutput, OutputRefused, read_index, read_markers
 from pipelines.report import summarize, table, totals
 from pipelines.sampling import quotas
@@ -154,6 +154,9 @@ def _check_report_root(fs, root: str) -> None:
     """A report root holds run folders and the lock; a file of anything else means it is someone else's folder."""
     entries = storage.list_names(fs, root)
     foreign = sorted(n for n, is_dir in entries.items() if not is_dir and n not in RESERVED)
+    lock = storage.read_bytes(fs, storage.join(root, LEASE)) if LEASE in entries else None
+    if lock is not None and Holder.parse(lock) is None:  # taking the lock would overwrite a file not ours
+        foreign.append(LEASE)
     if foreign:
         raise OutputRefused(f"{root} holds files that are not audit reports ({', '.join(foreign[:5])}); "
                             "choose a new or empty folder as --report")
@@ -164,8 +167,8 @@ def _plan(output: JobOutput, archive_fs, archive_root: str, parts: list[str], se
     path = output.path("plan.json")
     data = storage.read_bytes(output.fs, path)
     if data is not None:
-        plan = json.loads(data)
-        if plan.get("settings") != settings:
+        plan = _checked_plan(data, path)
+        if plan["settings"] != settings:
             diff = [k for k in settings if plan.get("settings", {}).get(k) != settings[k]]
             raise OutputRefused(f"audit {output.root} was started with other settings ({', '.join(diff) or 'all'} "
                                 f"differ); re-run it with its own, or choose another --run-id")
@@ -181,6 +184,26 @@ def _plan(output: JobOutput, archive_fs, archive_root: str, parts: list[str], se
             "untracked": _untracked(archive_fs, archive_root, parts)}
     storage.write_bytes_atomic(output.fs, path, json.dumps(plan, indent=1).encode(), token=output.control.token)
     return plan
+
+
+def _checked_plan(data: bytes, path: str) -> dict:
+    """plan.json as read back from storage: its part ids build paths, so each is checked before use."""
+    try:
+        plan = json.loads(data)
+        parts, quotas_ = plan["parts"], plan["quotas"]
+        well_formed = (isinstance(plan["settings"], dict) and isinstance(plan["planned_at"], str)
+                       and isinstance(plan["bad_markers"], dict) and isinstance(plan["untracked"], list)
+                       and isinstance(parts, list) and all(_is_unit_id(p) for p in parts) and isinstance(quotas_, dict)
+                       and all(p in parts and type(n) is int and n >= 0 for p, n in quotas_.items()))
+    except (ValueError, KeyError, TypeError) as exc:
+        well_formed, plan = False, exc
+    if not well_formed:
+        raise OutputRefused(f"{path} is not an audit plan of this version; move it away or choose another --run-id")
+    return plan
+
+
+def _is_unit_id(value: object) -> bool:
+    return isinstance(value, str) and value not in ("", ".", "..") and "/" not in value and "\x00" not in value
 
 
 def _untracked(fs, root: str, parts: list[str]) -> list[dict]:
@@ -235,18 +258,50 @@ def _check_leases(output: JobOutput, lock: Lease) -> None:
         raise LeaseLost(f"this audit lost its lock on {output.root}; stopping (what it committed stays committed)")
 
 
-def _read_units(output: JobOutput, units: list[ShardTask]) -> tuple[list[dict], list[dict], list[np.ndarray], list[np.ndarray]]:
+def _read_units(output: JobOutput, units: list[ShardTask],
+                baselines: tuple[str, ...]) -> tuple[list[dict], list[dict], list[np.ndarray], list[np.ndarray]]:
+    """Every unit's findings, sampled rows and patch features, read in one batch (concurrent requests on
+    object stores), each unit's files checked: a damaged one is named, never half-read."""
+    names = (FINDINGS, SAMPLES, FEATURES)
+    paths = {(u.shard_id, n): storage.join(output.path(LAYOUT.data(u.shard_id)), n) for u in units for n in names}
+    got = {k.split("://", 1)[-1]: v for k, v in output.fs.cat(list(paths.values()), on_error="return").items()}
+    schema = sample_schema(baselines)
     findings, rows, real, fake = [], [], [], []
     for u in units:
-        folder = output.path(LAYOUT.data(u.shard_id))
-        findings.append(json.loads(storage.read_bytes(output.fs, storage.join(folder, FINDINGS))))
-        rows += pq.read_table(io.BytesIO(storage.read_bytes(output.fs, storage.join(folder, SAMPLES)))).to_pylist()
-        data = storage.read_bytes(output.fs, storage.join(folder, FEATURES))
-        if data is not None:
-            with np.load(io.BytesIO(data)) as npz:
-                real.append(npz["real"])
-                fake.append(npz["fake"])
+        blobs = {n: got.get(paths[(u.shard_id, n)].split("://", 1)[-1]) for n in names}
+        try:
+            f, unit_rows, features = _unit_data(blobs, schema)
+        except (ValueError, KeyError, TypeError, OSError, pa.ArrowException) as exc:
+            raise OutputRefused(f"{output.path(LAYOUT.data(u.shard_id))} is damaged ({str(exc)[:200]}); move "
+                                f"{output.path(LAYOUT.marker(u.shard_id))} away to audit that part again") from None
+        findings.append(f)
+        rows += unit_rows
+        if features is not None:
+            real.append(features[0])
+            fake.append(features[1])
     return findings, rows, real, fake
+
+
+def _unit_data(blobs: dict, schema: pa.Schema) -> tuple[dict, list[dict], tuple | None]:
+    for name in (FINDINGS, SAMPLES):
+        if not isinstance(blobs[name], bytes):
+            raise FileNotFoundError(f"{name} is missing")
+    f = json.loads(blobs[FINDINGS])
+    counts = [f[k] for k in ("rows", "ok_rows", "error_rows", "rows_checked")]
+    if not (all(type(n) is int and n >= 0 for n in counts) and isinstance(f["changed"], list)
+            and isinstance(f["missing"], list) and isinstance(f["unavailable"], dict)
+            and isinstance(f["scan_seconds"], (int, float))):
+        raise ValueError(f"{FINDINGS} is not a unit's findings")
+    table = pq.read_table(io.BytesIO(blobs[SAMPLES]))
+    if not table.schema.equals(schema):
+        raise ValueError(f"{SAMPLES} has other columns than this audit's")
+    features = None
+    if isinstance(blobs[FEATURES], bytes):
+        with np.load(io.BytesIO(blobs[FEATURES]), allow_pickle=False) as npz:
+            features = (npz["real"], npz["fake"])
+        if any(a.ndim != 2 or a.dtype != np.float32 for a in features) or features[0].shape[1] != features[1].shape[1]:
+            raise ValueError(f"{FEATURES} does not hold two (patches × features) float32 arrays of one width")
+    return f, table.to_pylist(), features
 
 
 def _report(args, output: JobOutput, spec: AuditSpec, plan: dict, units: list[ShardTask], started: str,
@@ -255,7 +310,7 @@ def _report(args, output: JobOutput, spec: AuditSpec, plan: dict, units: list[Sh
 
     from pipelines.audit_report import render
 
-    findings, rows, real, fake = _read_units(output, units)
+    findings, rows, real, fake = _read_units(output, units, spec.baselines)
     unavailable = {}
     for f in findings:
         unavailable.update(f.get("unavailable", {}))
@@ -310,17 +365,18 @@ def _history(output: JobOutput, run_id: str, archive: str, before: str) -> list[
     first (so a finished run id rebuilds the same report, whatever ran since)."""
     root = output.root.rsplit("/", 1)[0]
     names = [n for n, is_dir in storage.list_names(output.fs, root).items() if is_dir and n != run_id and n not in RESERVED]
+    paths = {storage.join(root, n, "summary.json").split("://", 1)[-1]: n for n in names}
     runs = []
-    for name in names:
-        data = storage.read_bytes(output.fs, storage.join(root, name, "summary.json"))
+    for path, data in (output.fs.cat(list(paths), on_error="return") if paths else {}).items():
+        name = paths.get(path.split("://", 1)[-1], path)
         try:
-            s = json.loads(data) if data else None
+            s = json.loads(data) if isinstance(data, bytes) else None
         except ValueError:
             continue
         if not (isinstance(s, dict) and s.get("format") == audit_summary.FORMAT and s.get("archive") == archive):
             continue
         if isinstance(s.get("figures"), dict) and isinstance(s.get("finished_at"), str) and s["finished_at"] <= before:
-            runs.append({"run_id": s.get("run_id", name), "finished_at": s["finished_at"], "figures": s["figures"]})
+            runs.append({"run_id": str(s.get("run_id", name)), "finished_at": s["finished_at"], "figures": s["figures"]})
     return sorted(runs, key=lambda r: (r["finished_at"], r["run_id"]))
 
 

@@ -95,7 +95,7 @@ def test_integrity_scan_names_each_planted_fault_and_nothing_else(archive, s3, t
     assert changed == [("shard-000000", corrupt_key["key"], "crc"), ("shard-000001", None, "readable")]
     assert [(m["part"], m["path"]) for m in found["missing"]] == [("shard-000002", "part-shard-000002.parquet")]
     assert [u["path"] for u in found["untracked"]] == ["part-shard-000099.parquet"]
-    assert found["rows_checked"] == 4  # the sound rows of part 0; parts 1 and 2 cannot be read
+    assert found["rows_checked"] == 4  # the ok rows of part 0, the corrupt one too; parts 1 and 2 cannot be read
     # the sample is drawn only from rows that passed: none of the corrupt, unreadable or missing ones
     rows = pq.read_table(io.BytesIO(fs.cat(f"{bucket}/reports/night-1/rows.parquet"))).to_pylist()
     assert rows and {r["part"] for r in rows} == {"shard-000000"} and corrupt_key["key"] not in {r["key"] for r in rows}
@@ -276,3 +276,34 @@ def test_bad_arguments_and_a_foreign_report_root_are_refused_in_one_line(archive
     assert _audit(local, foreign, tiny_model_dir) == 2
     assert "not audit reports (notes.txt)" in capsys.readouterr().err
     assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]  # nothing written into someone else's folder
+
+
+def test_what_the_audit_reads_back_is_checked_before_it_builds_a_path_or_a_report(archive, tiny_model_dir, tmp_path, capsys):
+    """plan.json and the units' files come back from storage: a damaged or forged one is refused in one
+    line, nothing is written outside the report, and a lock file that is not ours is never overwritten."""
+    local, _ = archive
+    report = tmp_path / "reports"
+    common = ["--run-id", "r", "--sample", "2", "--baselines", "none"]
+    assert _audit(local, report, tiny_model_dir, *common) == 0
+    plan_file = report / "r" / "plan.json"
+    plan = json.loads(plan_file.read_text())
+    forged = {**plan, "parts": plan["parts"] + ["../../escape"]}
+    plan_file.write_text(json.dumps(forged))
+    capsys.readouterr()
+    assert _audit(local, report, tiny_model_dir, *common) == 2
+    assert "plan.json is not an audit plan" in capsys.readouterr().err
+    assert not (tmp_path / "unit-..").exists() and not list(tmp_path.glob("**/escape*"))
+    plan_file.write_text(json.dumps(plan))
+
+    findings = report / "r" / "unit-shard-000001" / "findings.json"
+    findings.write_text('{"rows": "many"}')
+    assert _audit(local, report, tiny_model_dir, *common) == 2
+    err = capsys.readouterr().err
+    assert "unit-shard-000001 is damaged" in err and len(err.strip().splitlines()) == 1
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "_lease.json").write_text("a user's notes, not a lease")
+    assert _audit(local, other, tiny_model_dir, *common) == 2
+    assert "_lease.json" in capsys.readouterr().err
+    assert (other / "_lease.json").read_text() == "a user's notes, not a lease"
