@@ -121,13 +121,16 @@ def test_a_text_embedding_of_another_shape_is_refused_naming_both(tmp_path, shap
     assert str(tuple(shape)) in str(info.value) and "(1, 77, 32)" in str(info.value)
 
 
-def test_a_damaged_or_legacy_checkpoint_is_named_for_what_it_is(tmp_path):
+def test_a_damaged_checkpoint_is_named_for_what_it_is(tmp_path):
     good = tmp_path / "good.pt"
     torch.save({"w": torch.zeros(1000)}, good)
     cut = tmp_path / "cut.pt"
     cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     with pytest.raises(ModelFormatError, match="truncated or damaged"):
         read_checkpoint(cut)
+
+
+def test_a_checkpoint_of_torchs_legacy_format_reads(tmp_path):
     legacy = tmp_path / "legacy.pt"
     torch.save({"w": torch.zeros(3)}, legacy, _use_new_zipfile_serialization=False)
     assert torch.equal(read_checkpoint(legacy)["w"], torch.zeros(3))  # the pre-1.6 format still reads

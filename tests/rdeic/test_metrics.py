@@ -75,17 +75,7 @@ def test_patches_follow_the_shifted_grid():
 
 def test_fid_kid_over_patches_with_a_random_feature_network(rng):
     """A random convolutional feature network stands in for InceptionV3 (stated)."""
-
-    class Features(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.conv = torch.nn.Conv2d(3, 8, 16, 16)
-
-        def forward(self, x):
-            return self.conv(x.float() / 255).mean([2, 3])
-
-    same, worse = (metrics.DistributionMetrics(feature=Features(), kid_subset=4, kid_subsets=10) for _ in range(2))
+    same, worse = (metrics.DistributionMetrics(feature=RandomFeatures(), kid_subset=4, kid_subsets=10) for _ in range(2))
     for _ in range(3):
         img = random_image(rng, 300, 300)
         assert same.update(img, img) == 1
