@@ -147,8 +147,10 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_convert(args: argparse.Namespace) -> None:
     from .convert import convert
 
-    model_id = convert(args.sd, args.rdeic, args.out, rdeic_config=args.rdeic_config,
-                       text_embedding=args.text_embedding, name=args.name)
+    steps = args.default_steps  # checked against the model's schedule by convert, an integer or not
+    steps = int(steps) if steps is not None and steps.strip().lstrip("+-").isdigit() else steps
+    model_id = convert(args.sd, args.rdeic, args.out, rdeic_config=args.rdeic_config, text_embedding=args.text_embedding,
+                       name=args.name, default_steps=steps, ignore_keys=args.ignore_keys, report=print)
     print(f"{args.out}: {model_id}")
 
 
@@ -192,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("decode", help="decode an .rdeic bitstream to an image file (PNG)")
     d.add_argument("input")
     d.add_argument("output")
-    d.add_argument("--steps", type=int, help="denoising steps L (default: the model's, usually 2)")
+    d.add_argument("--steps", type=int, help="denoising steps L (default: the model's, shown by `rdeic model-info`)")
     d.add_argument("--detail", type=float, default=1.0, help="λs: 0 smooth ... 1 as trained ... >1 sharper (default 1)")
     d.add_argument("--max-pixels", type=_positive_int, default=bs.DEFAULT_MAX_PIXELS, metavar="N",
                    help="refuse, before allocating anything, a bitstream claiming more than N padded pixels (width and "
@@ -226,10 +228,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--text-embedding", help="the (1, 77, 1024) empty-prompt embedding, if the SD weights lack a text encoder: a file of one "
                         "tensor (torch.save of the tensor or of a dict holding only it, or safetensors)")
     c.add_argument("--name", help="model name (default: from the checkpoint's file name)")
+    c.add_argument("--default-steps", metavar="N", help="the model's default decode steps L, in [1, used_timesteps] "
+                   "(default: the checkpoint's file name, e.g. rdeic_2_step5.ckpt -> 5, else the YAML's fixed_step, else 2)")
+    c.add_argument("--ignore-keys", metavar="PATTERN", action="append", default=[],
+                   help="leave out checkpoint tensors that map to nothing and whose key matches this glob, e.g. "
+                        "'preprocess_model.extra.*' (repeatable; by default any such tensor is an error)")
     c.add_argument("--out", required=True)
     c.set_defaults(func=cmd_convert)
 
-    mi = sub.add_parser("model-info", help="show a model directory's id and config")
+    mi = sub.add_parser("model-info", help="show a model directory's id, default decode steps and config")
     mi.add_argument("model")
     mi.set_defaults(func=cmd_model_info)
 

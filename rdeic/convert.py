@@ -3,8 +3,8 @@
 Everything runs offline: the 2.1-base configs ship in ``rdeic/presets/sd21.json``, files are
 read with safetensors or ``torch.load(weights_only=True)``, and the authors' architecture is
 read from their model YAML (``configs/model/rdeic.yaml`` format), so any size of it converts.
-Every tensor of the RDEIC checkpoint is accounted for: a key that maps nowhere, or a weight
-of ours that nothing fills, is an error naming the keys.
+Every tensor of the RDEIC checkpoint is accounted for: a key that maps nowhere (unless a pattern
+of ``ignore_keys`` matches it), or a weight of ours that nothing fills, is an error naming the keys.
 """
 
 from __future__ import annotations
@@ -14,14 +14,16 @@ import os
 import pickle
 import re
 from dataclasses import replace
+from fnmatch import fnmatchcase
 from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 import yaml
 
 from .compression import ENTROPY_TABLE_KEYS, entropy_buffers
 from .config import CompressionConfig, ControlConfig, DiffusionConfig, ModelConfig, load_preset
-from .errors import ModelFormatError
+from .errors import ConfigError, ModelFormatError
 from .model import RDEIC
 from .modeldir import ModelId
 from .weights import load_state_strict, save_model
@@ -199,8 +201,15 @@ def _compression_key(key: str) -> str:
     return "compression." + rest
 
 
-def map_rdeic_state(state: dict[str, torch.Tensor], model: RDEIC) -> dict[str, torch.Tensor]:
-    """The authors' ``control_model.*`` / ``preprocess_model.*`` tensors under our names, strictly."""
+def map_rdeic_state(state: dict[str, torch.Tensor], model: RDEIC, ignore: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+    """The authors' ``control_model.*`` / ``preprocess_model.*`` tensors under our names, strictly
+    (checkpoint keys that map to nothing and match a glob of ``ignore`` are left out)."""
+    return _map_rdeic_state(state, model, ignore)[0]
+
+
+def _map_rdeic_state(state: dict[str, torch.Tensor], model: RDEIC,
+                     ignore: Sequence[str]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """(the mapped tensors, the unknown keys ``ignore`` matched)."""
     plan = model.control._plan
     targets = {k for k in model.state_dict() if k.startswith(("control.", "compression."))}
     tables = {f"compression.gaussian_conditional.{t}" for t in ENTROPY_TABLE_KEYS}
@@ -222,18 +231,55 @@ def map_rdeic_state(state: dict[str, torch.Tensor], model: RDEIC) -> dict[str, t
             unmapped.append(key)
             continue
         out[new] = value
+    ignored = sorted(k for k in unmapped if any(fnmatchcase(k, p) for p in ignore))
+    unmapped = sorted(set(unmapped) - set(ignored))
     missing = sorted(targets - set(out) - tables)
     if unmapped or missing:
-        few = lambda ks: ", ".join(ks[:6]) + (f" (+{len(ks) - 6} more)" if len(ks) > 6 else "")  # noqa: E731
-        parts = [f"{len(unmapped)} checkpoint tensors map to nothing: {few(sorted(unmapped))}"] if unmapped else []
+        parts = [f"{len(unmapped)} checkpoint tensors map to nothing: {_few(unmapped)} (if they are not weights of "
+                 "this model, skip them with --ignore-keys PATTERN, a glob on the key)"] if unmapped else []
         for ours, theirs in (("control.", "control_model."), ("compression.", "preprocess_model.")):
             gone = [k for k in missing if k.startswith(ours)]
             if gone and len(gone) == len([k for k in targets - tables if k.startswith(ours)]):
                 parts.append(f"no {theirs}* tensors at all")
             elif gone:
-                parts.append(f"{len(gone)} {ours[:-1]} tensors not in the checkpoint: {few(gone)}")
+                parts.append(f"{len(gone)} {ours[:-1]} tensors not in the checkpoint: {_few(gone)}")
         raise ModelFormatError("RDEIC checkpoint does not match the architecture: " + "; ".join(parts))
-    return out
+    return out, ignored
+
+
+def _few(keys: list[str], n: int = 6) -> str:
+    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+# ---------------------------------------------------------- default decode steps
+
+_STEP_IN_NAME = re.compile(r"(?<![a-z0-9])step[-_]?(\d+)(?![0-9])", re.IGNORECASE)
+
+
+def choose_default_steps(config: ModelConfig, checkpoint: Path, fixed_step: int | None = None, where: str = "the YAML",
+                         explicit: int | None = None) -> tuple[int, str]:
+    """(the model's default decode steps, what decided them): ``explicit`` (--default-steps), else the step
+    count in the checkpoint's file name (``rdeic_2_step5.ckpt``), else the YAML's ``fixed_step``, else the
+    config's. The name goes before the YAML: the authors' one YAML says ``fixed_step: 2`` for every release."""
+    used = config.diffusion.used_timesteps
+    if explicit is not None:
+        if type(explicit) is not int or not 1 <= explicit <= used:
+            raise ConfigError(f"--default-steps must be an integer in [1, {used}] (this model's used_timesteps), "
+                              f"got {explicit!r}")
+        return explicit, "--default-steps"
+    named = sorted({int(n) for n in _STEP_IN_NAME.findall(checkpoint.name)})
+    if len(named) > 1 or (named and not 1 <= named[0] <= used):
+        raise ConfigError(f"the file name {checkpoint.name} gives no step count in [1, {used}] (it says step "
+                          f"{' and '.join(map(str, named))}); pass --default-steps N")
+    if named:
+        if fixed_step is not None and fixed_step != named[0]:
+            log.warning("%s says fixed_step %d, the checkpoint's file name step %d: using %d (pass --default-steps "
+                        "N to choose)", where, fixed_step, named[0], named[0])
+        return named[0], f"the checkpoint's file name {checkpoint.name}"
+    if fixed_step is not None:
+        return fixed_step, f"fixed_step in {where}"
+    return config.diffusion.default_steps, ("the default; neither the file name nor a model YAML gives it "
+                                            "(set it with --default-steps N)")
 
 
 # ------------------------------------------------------------- SD 2.1-base
@@ -299,18 +345,35 @@ def read_text_embedding(path: str | os.PathLike, length: int, dim: int) -> torch
 
 
 def convert(sd: str | os.PathLike, rdeic: str | os.PathLike, out: str | os.PathLike, rdeic_config: str | None = None,
-            text_embedding: str | None = None, name: str | None = None) -> ModelId:
-    """Write one model directory from SD 2.1-base and an authors' RDEIC checkpoint."""
+            text_embedding: str | None = None, name: str | None = None, default_steps: int | None = None,
+            ignore_keys: Sequence[str] = (), report: Callable[[str], None] = log.info) -> ModelId:
+    """Write one model directory from SD 2.1-base and an authors' RDEIC checkpoint; ``report`` receives
+    what decided the default decode steps and which checkpoint keys ``ignore_keys`` left out."""
     rdeic_path = Path(rdeic)
     name = name or re.sub(r"\.(ckpt|pt|pth|safetensors)$", "", rdeic_path.name).replace("_", "-")
+    fixed_step = None
     if rdeic_config:
-        config = config_from_authors_yaml(Path(rdeic_config).read_text(), name=name)
+        yaml_text = Path(rdeic_config).read_text()
+        config = config_from_authors_yaml(yaml_text, name=name)
+        root = yaml.safe_load(yaml_text)
+        fixed_step = root.get("params", root).get("fixed_step")
+        fixed_step = None if fixed_step is None else int(fixed_step)
     else:
         config = replace(load_preset("sd21"), name=name, trained=True)
+    steps, source = choose_default_steps(config, rdeic_path, fixed_step, Path(rdeic_config or "").name,
+                                         default_steps)
+    config = replace(config, diffusion=replace(config.diffusion, default_steps=steps))
     with torch.device("meta"):
         model = RDEIC(config)
     vae, unet, text = sd_state(sd, config)
-    rdeic_state = map_rdeic_state(read_checkpoint(rdeic_path), model)
+    rdeic_state, ignored = _map_rdeic_state(read_checkpoint(rdeic_path), model, ignore_keys)
+    for pattern in ignore_keys:
+        if not any(fnmatchcase(k, pattern) for k in ignored):
+            log.warning("--ignore-keys %r matched no unknown checkpoint key", pattern)
+    if ignored:
+        report(f"ignored {len(ignored)} checkpoint tensors that map to nothing: {_few(ignored, 10)}")
+        log.info("ignored: %s", ", ".join(ignored))
+    report(f"default decode steps: {steps} (from {source})")
     if text_embedding:
         text = read_text_embedding(text_embedding, config.text_context_length, config.context_dim)
     if text is None:

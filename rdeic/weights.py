@@ -170,4 +170,5 @@ def init_model(preset_or_config: str | ModelConfig, seed: int = 0) -> RDEIC:
 
 def describe(directory: str | os.PathLike) -> dict:
     config = read_config(directory)
-    return {"model_id": str(model_id_of(directory)), "config": json.loads(config.to_json())}
+    return {"model_id": str(model_id_of(directory)), "default_steps": config.diffusion.default_steps,
+            "config": json.loads(config.to_json())}

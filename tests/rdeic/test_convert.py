@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -134,3 +136,95 @@ def test_a_checkpoint_of_torchs_legacy_format_reads(tmp_path):
     legacy = tmp_path / "legacy.pt"
     torch.save({"w": torch.zeros(3)}, legacy, _use_new_zipfile_serialization=False)
     assert torch.equal(read_checkpoint(legacy)["w"], torch.zeros(3))  # the pre-1.6 format still reads
+
+
+# ------------------------------------------------------- `rdeic convert-weights` on the authors' tiny fixture
+
+AUTHORS_TINY = Path(__file__).resolve().parents[1] / "fixtures" / "authors_tiny"
+
+
+def _convert_cli(rdeic_ckpt: Path, out: Path, *extra: str, config: Path | None = None) -> int:
+    from rdeic.cli import main
+
+    return main(["convert-weights", "--sd", str(AUTHORS_TINY / "checkpoint.safetensors"), "--rdeic", str(rdeic_ckpt),
+                 "--rdeic-config", str(config or AUTHORS_TINY / "model.yaml"),
+                 "--text-embedding", str(AUTHORS_TINY / "text_context.safetensors"), "--out", str(out), *extra])
+
+
+def _checkpoint_named(tmp_path: Path, name: str, extra: dict | None = None) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / name
+    if extra:
+        save_file({**load_file(str(AUTHORS_TINY / "checkpoint.safetensors")), **extra}, str(path))
+    else:
+        path.symlink_to(AUTHORS_TINY / "checkpoint.safetensors")
+    return path
+
+
+@pytest.mark.parametrize("name, fixed_step, extra, steps, source", [
+    ("rdeic_2_step5.safetensors", 2, [], 5, "file name"),  # the authors' one YAML says fixed_step: 2 for every release
+    ("rdeic_2_step2.safetensors", 2, [], 2, "file name"),
+    ("rdeic_1_step5_ema.ckpt.safetensors", None, [], 5, "file name"),
+    ("mine.safetensors", 5, [], 5, "fixed_step"),
+    ("mine.safetensors", None, [], 2, "default"),
+    ("rdeic_2_step5.safetensors", 2, ["--default-steps", "3"], 3, "--default-steps"),
+])
+def test_the_converted_models_default_steps_follow_the_checkpoint(tmp_path, capsys, name, fixed_step, extra, steps, source):
+    from rdeic.cli import main
+    from rdeic.modeldir import read_config
+
+    text = (AUTHORS_TINY / "model.yaml").read_text().replace("  fixed_step: 2\n", "")
+    assert "fixed_step" not in text
+    config = tmp_path / "model.yaml"
+    config.write_text(text + (f"  fixed_step: {fixed_step}\n" if fixed_step else ""))
+    out = tmp_path / "out"
+    assert _convert_cli(_checkpoint_named(tmp_path, name), out, *extra, config=config) == 0
+    assert read_config(out).diffusion.default_steps == steps
+    said = [line for line in capsys.readouterr().out.splitlines() if "default decode steps" in line]
+    assert len(said) == 1 and f"default decode steps: {steps} " in said[0] and source in said[0], said
+    assert main(["model-info", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["default_steps"] == steps
+
+
+@pytest.mark.parametrize("value", ["0", "301", "five", "2.5"])
+def test_default_steps_out_of_range_is_refused_in_one_line(tmp_path, capsys, value):
+    assert _convert_cli(_checkpoint_named(tmp_path, "rdeic_2_step5.safetensors"), tmp_path / "out",
+                        "--default-steps", value) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "--default-steps" in err[0] and "[1, 300]" in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_checkpoint_keys_fail_unless_ignored_by_pattern(tmp_path, capsys, caplog):
+    extra = {f"preprocess_model.extra.{i:02d}.weight": torch.zeros(2) for i in range(25)}
+    extra["control_model.lora_up.weight"] = torch.zeros(3)
+    ckpt = _checkpoint_named(tmp_path, "rdeic_2_step2.safetensors", extra)
+    assert _convert_cli(ckpt, tmp_path / "a") == 2  # strict by default
+    err = capsys.readouterr().err
+    assert "26 checkpoint tensors map to nothing" in err and "control_model.lora_up.weight" in err and "--ignore-keys" in err
+    assert _convert_cli(ckpt, tmp_path / "b", "--ignore-keys", "preprocess_model.extra.*") == 2  # the rest still fail
+    err = capsys.readouterr().err
+    assert "1 checkpoint tensors map to nothing: control_model.lora_up.weight" in err and "--ignore-keys" in err
+    assert "preprocess_model.extra" not in err
+    caplog.set_level("WARNING")
+    assert _convert_cli(ckpt, tmp_path / "c", "--ignore-keys", "preprocess_model.extra.*",
+                        "--ignore-keys", "control_model.lora_*", "--ignore-keys", "model_ema.*") == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if "ignored 26" in line)
+    assert "control_model.lora_up.weight" in line and "preprocess_model.extra.00.weight" in line
+    assert "preprocess_model.extra.24.weight" not in line and "more" in line  # the names are capped
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("model_ema.*" in w and "matched no" in w for w in warnings), warnings
+    assert not any("preprocess_model.extra.*" in w for w in warnings)
+
+
+def test_converted_weight_files_have_the_usual_mode(tmp_path, capsys):
+    old = os.umask(0o022)
+    try:
+        assert _convert_cli(_checkpoint_named(tmp_path, "rdeic_2_step2.safetensors"), tmp_path / "out") == 0
+    finally:
+        os.umask(old)
+    modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in (tmp_path / "out").iterdir()}
+    assert modes == {name: 0o644 for name in ("config.json", "model.safetensors", "entropy_tables.safetensors",
+                                               "model_id.json")}
