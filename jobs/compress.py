@@ -13,8 +13,8 @@ import sys
 from pipelines import storage
 from pipelines.archive import ARCHIVE, ShardStats
 from pipelines.compress import CODEC_VERSION, CompressSpec, ShardTask
-from pipelines.shards import MAX_MEMBER_BYTES, MAX_SIDECAR_BYTES
 from rdeic.bitstream import DEFAULT_MAX_PIXELS
+from rdeic.shards import MAX_MEMBER_BYTES, MAX_SIDECAR_BYTES, expand
 
 from . import common
 
@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     opts = common.storage_from(args)
     model = common.resolve_model(args.model)
     args.output = storage.canonical_url(args.output)  # workers run elsewhere, in another folder
-    urls = [storage.canonical_url(u) for u in storage.expand_inputs(args.input, opts)]
+    urls = [storage.canonical_url(u) for u in expand(args.input, opts.fsspec_kwargs)]
     if not urls:
         print(f"rdeic-job: error: no input shards match {args.input}", file=sys.stderr)
         return 2

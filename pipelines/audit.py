@@ -38,6 +38,7 @@ from rdeic.errors import (BitstreamError, ChecksumError, EntropyDesyncError, Ima
                           ModelMismatchError)
 from rdeic.images import encode_png
 from rdeic.metrics import PAIR_METRICS
+from rdeic.shards import ShardReader
 
 from . import archive, storage
 from .archive import ARCHIVE, Layout, ShardStats
@@ -46,7 +47,6 @@ from .decode import decode_results
 from .ownership import Attempt
 from .sampling import draw
 from .samples import prepare
-from .shards import ShardReader
 
 log = logging.getLogger(__name__)
 

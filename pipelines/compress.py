@@ -17,14 +17,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Iterator
 
-from rdeic.errors import ModelFormatError
 from rdeic.bitstream import DEFAULT_MAX_PIXELS
+from rdeic.errors import ModelFormatError
+from rdeic.shards import MAX_MEMBER_BYTES, MAX_SIDECAR_BYTES, ShardReader
 
 from . import archive, reasons, storage
 from .archive import ARCHIVE, ShardStats
 from .ownership import Attempt
 from .samples import PreparedSample, prepare
-from .shards import MAX_MEMBER_BYTES, MAX_SIDECAR_BYTES, ShardReader
 
 log = logging.getLogger(__name__)
 

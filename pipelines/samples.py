@@ -15,12 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from rdeic.images import ImageReadError, format_name, open_image, to_rgb
+from rdeic.shards import MAX_SIDECAR_BYTES, Sample, pick_image
 
 from . import reasons
-from .shards import MAX_SIDECAR_BYTES, Sample
-
-# Extensions taken as the image, in order of preference.
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm", "pgm", "pbm", "pnm", "jp2", "jpx")
 
 
 @dataclass
@@ -64,20 +61,6 @@ def sidecars_from_json(text: str) -> dict[str, bytes]:
     return out
 
 
-def _pick_image(files: dict[str, bytes]) -> str | None:
-    """The image's extension: the first of IMAGE_EXTENSIONS among the sample's (any case), else the
-    first (sorted) whose last part is one, as WebDataset's decoders read ``in.name.jpg`` as a JPEG."""
-    lowered = {ext.lower(): ext for ext in files}
-    for ext in IMAGE_EXTENSIONS:
-        if ext in lowered:
-            return lowered[ext]
-    for ext in IMAGE_EXTENSIONS:
-        for lower in sorted(lowered):
-            if lower.rpartition(".")[2] == ext:
-                return lowered[lower]
-    return None
-
-
 def _type_name(exc: BaseException) -> str:
     """``TypeError``, ``struct.error``, ``PIL.Image.DecompressionBombError``: a name that says what raised."""
     kind = type(exc)
@@ -85,7 +68,7 @@ def _type_name(exc: BaseException) -> str:
 
 
 def prepare(sample: Sample, max_pixels: int, max_sidecar_bytes: int | None = MAX_SIDECAR_BYTES) -> PreparedSample:
-    image_ext = _pick_image(sample.files)
+    image_ext = pick_image(sample.files)
     sidecars = {ext: data for ext, data in sample.files.items() if ext != image_ext}
     sidecar_bytes = sum(len(d) for d in sidecars.values())
     if max_sidecar_bytes is not None and sidecar_bytes > max_sidecar_bytes:

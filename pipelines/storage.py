@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import glob as _glob
 import hashlib
 import os
 import re
@@ -249,47 +248,6 @@ def canonical_url(url: str) -> str:
     if proto == "file":
         return os.path.abspath(os.path.expanduser(path))
     return f"{proto}://{re.sub('/+', '/', path)}"
-
-
-_BRACE = re.compile(r"\{([^{}]*)\}")
-
-
-def expand_braces(pattern: str) -> list[str]:
-    """``a{0..2}b`` → a0b a1b a2b (zero padding kept: ``{000..010}``); ``{x,y}`` → x y."""
-    m = _BRACE.search(pattern)
-    if not m:
-        return [pattern]
-    body = m.group(1)
-    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-    if rng:
-        lo, hi = rng.groups()
-        width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
-        options = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
-    else:
-        options = body.split(",")
-    out = []
-    for opt in options:
-        out += expand_braces(pattern[: m.start()] + opt + pattern[m.end():])
-    return out
-
-
-def expand_inputs(patterns: list[str], storage: StorageOptions) -> list[str]:
-    """Shard URLs from brace patterns and globs, sorted, without duplicates.
-
-    Globs are listed; brace-expanded names are kept as given (a missing one fails its shard,
-    so the job reports it instead of silently archiving less).
-    """
-    urls: list[str] = []
-    for pattern in patterns:
-        for item in expand_braces(pattern):
-            if _glob.has_magic(item):
-                fs, path = filesystem(item, storage)
-                proto = protocol_of(item)
-                found = sorted(fs.glob(path))
-                urls += [p if proto == "file" else f"{proto}://{p}" for p in found]
-            else:
-                urls.append(item)
-    return sorted(dict.fromkeys(urls))
 
 
 def shard_ids(urls: list[str]) -> dict[str, str]:

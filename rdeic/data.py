@@ -4,13 +4,14 @@ The order is a pure function of (seed, epoch), and each crop's randomness of (se
 position), so a run restarted at "sample n" sees exactly the samples an uninterrupted run
 would have seen. With several workers every rank reads its own subset of shards
 (``shards[rank::world]``): an iterable stream cannot use a DistributedSampler.
+
+Shards are listed and read as the jobs read them (:mod:`rdeic.shards`): brace patterns and globs,
+WebDataset samples, and the same rule for which of a sample's files is its image.
 """
 
 from __future__ import annotations
 
-import glob as _glob
 import logging
-import tarfile
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -20,23 +21,9 @@ import torch
 from PIL import Image
 
 from .images import ImageReadError, open_image, to_rgb
+from .shards import Sample, ShardReader, pick_image
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = {"jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm"}
-
-
-def expand(patterns: list[str], storage_options: dict | None = None) -> list[str]:
-    """Shard URLs for globs or plain paths/URLs (sorted, unique)."""
-    out = []
-    for pattern in patterns:
-        if _glob.has_magic(pattern):
-            fs, _, paths = fsspec.get_fs_token_paths(pattern, storage_options=storage_options or {})
-            proto = pattern.split("://", 1)[0] if "://" in pattern else None
-            out += [f"{proto}://{p}" if proto else p for p in paths]
-        else:
-            out.append(pattern)
-    return sorted(dict.fromkeys(out))
 
 
 @dataclass(frozen=True)
@@ -85,14 +72,25 @@ class ShardImages:
         self.skipped = 0  # unreadable samples seen (logged, never silently)
         self.epoch = self.index = 0
 
-    def _images(self, url: str) -> Iterator[tuple[str, bytes]]:
-        with fsspec.open(url, "rb", **self.storage_options) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                ext = member.name.rsplit(".", 1)[-1].lower()
-                if ext in IMAGE_EXTENSIONS:
-                    yield member.name, tar.extractfile(member).read()
+    def _samples(self, url: str) -> Iterator[Sample]:
+        with fsspec.open(url, "rb", **self.storage_options) as f:
+            reader = ShardReader(f)
+            yield from reader
+        if reader.error:
+            log.warning("training shard %s is damaged, its samples before the damage were used: %s", url, reader.error)
+
+    def _image(self, sample: Sample, ext: str | None) -> np.ndarray | None:
+        """The sample's image as RGB, or None (logged, and counted in ``skipped``)."""
+        try:
+            if sample.error is not None:
+                raise ValueError(sample.error)
+            if ext is None:
+                raise ValueError(f"no image file among its files {sorted(sample.files)}")
+            return to_rgb(open_image(sample.files[ext], max_pixels=64_000_000))
+        except (ImageReadError, ValueError, OSError) as exc:
+            self.skipped += 1
+            log.warning("skipping unreadable training sample %s: %s", sample.key, exc)
+            return None
 
     def iterate(self, epoch: int = 0, index: int = 0) -> Iterator[np.ndarray]:
         """Crops from sample ``index`` of ``epoch`` on, forever. ``self.epoch``/``self.index``
@@ -102,21 +100,18 @@ class ShardImages:
             order = np.random.default_rng([self.seed, self.rank, self.epoch]).permutation(len(self.urls))
             position, seen_any = 0, False
             for shard_index in order:
-                for name, data in self._images(self.urls[shard_index]):
-                    seen_any = True
+                for sample in self._samples(self.urls[shard_index]):
+                    ext = pick_image(sample.files)
+                    seen_any = seen_any or ext is not None
                     if position < self.index:  # resuming: skip without decoding
                         position += 1
                         continue
                     rng = np.random.default_rng([self.seed, self.rank, self.epoch, position])
                     position += 1
                     self.index = position
-                    try:
-                        image = to_rgb(open_image(data, max_pixels=64_000_000))
-                    except (ImageReadError, ValueError, OSError) as exc:
-                        self.skipped += 1
-                        log.warning("skipping unreadable training image %s: %s", name, exc)
-                        continue
-                    yield random_crop(image, self.crop, rng)
+                    image = self._image(sample, ext)
+                    if image is not None:
+                        yield random_crop(image, self.crop, rng)
             if not seen_any:
                 raise ValueError(f"no images in shards {self.urls}")
             self.epoch, self.index = self.epoch + 1, 0

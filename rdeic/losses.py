@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .diffusion import sample
-from .model import RDEIC
+from .model import RDEIC, randn
 
 
 def bits_per_pixel(likelihoods: torch.Tensor, num_pixels: int) -> torch.Tensor:
@@ -41,11 +41,6 @@ class LossWeights:
     rate: float = 1.0
     perceptual: float = 0.5
     fixed_steps: int = 2
-
-
-def _randn(shape, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
-    """Noise drawn on the CPU generator (reproducible on any device)."""
-    return torch.randn(shape, generator=generator).to(like)
 
 
 class StageLoss(nn.Module):
@@ -84,7 +79,7 @@ class StageLoss(nn.Module):
         z0, out, bpp = self._encode(x)
         z_c = out["z_c"]
         t = torch.randint(0, m.config.diffusion.used_timesteps, (x.shape[0],), generator=self.generator)
-        noise = _randn(z0.shape, self.generator, z0)
+        noise = randn(z0.shape, self.generator, z0)
         z_t = m.schedule.q_sample(z0, z_c, t, noise)
         eps = m.eps(z_t, t.to(x.device), out["guide_hint"], 1.0)
         x0_hat = m.schedule.predict_x0(z_t, t, eps)
@@ -98,8 +93,8 @@ class StageLoss(nn.Module):
         m, w = self.model, self.w
         z0, out, bpp = self._encode(x)
         z_c, hint = out["z_c"], out["guide_hint"]
-        start = m.schedule.start(z_c, _randn(z_c.shape, self.generator, z_c))
-        noises = [_randn(z_c.shape, self.generator, z_c) for _ in range(w.fixed_steps - 1)]
+        start = m.schedule.start(z_c, randn(z_c.shape, self.generator, z_c))
+        noises = [randn(z_c.shape, self.generator, z_c) for _ in range(w.fixed_steps - 1)]
         z0_hat = sample(lambda z, t: m.eps(z, t, hint, 1.0), start, m.schedule, w.fixed_steps, noises)
         x_hat = m.decode_latent(z0_hat)
         l_mse = F.mse_loss(x_hat, x)
@@ -114,7 +109,7 @@ class StageLoss(nn.Module):
         """Autoencoder pretraining: MSE + perceptual + a small KL term (SD-VAE style, no GAN)."""
         vae = self.model.vae
         posterior = vae.encode(x).latent_dist
-        z = posterior.mean + posterior.std * _randn(posterior.mean.shape, self.generator, posterior.mean)
+        z = posterior.mean + posterior.std * randn(posterior.mean.shape, self.generator, posterior.mean)
         x_hat = vae.decode(z).sample
         l_rec = F.mse_loss(x_hat, x)
         l_p = self.perceptual(x_hat, x).mean() if self.perceptual is not None else x_hat.new_zeros(())
@@ -130,7 +125,7 @@ class StageLoss(nn.Module):
             _, moments = m.vae_features(x)
             z0 = m.latent_from_moments(moments, generator=self.generator, sample=True)
         t = torch.randint(0, m.config.diffusion.num_train_timesteps, (x.shape[0],), generator=self.generator)
-        noise = _randn(z0.shape, self.generator, z0)
+        noise = randn(z0.shape, self.generator, z0)
         z_t = m.schedule.q_sample(z0, z0, t, noise)  # the plain forward process: no relay residual
         eps = m.eps(z_t, t.to(x.device), hint=torch.zeros(()), detail=0.0)
         loss = F.mse_loss(eps, noise)

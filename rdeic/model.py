@@ -17,6 +17,12 @@ from .control import ControlModule, predict_noise
 from .diffusion import RelaySchedule, sample
 
 
+def randn(shape: Sequence[int], generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
+    """Normal noise drawn on the (CPU) generator, then moved to ``like``'s device and dtype: the same
+    numbers on any device, and no CUDA error for a CPU generator."""
+    return torch.randn(tuple(shape), generator=generator).to(like)
+
+
 class RDEIC(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -71,7 +77,7 @@ class RDEIC(nn.Module):
         z = mean
         if sample:
             std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-            z = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+            z = mean + std * randn(mean.shape, generator, mean)
         return z * self.config.scale_factor
 
     def decode_latent(self, z: torch.Tensor) -> torch.Tensor:

@@ -23,10 +23,11 @@ import torch
 import yaml
 
 from .config import ConfigError, from_dict, to_dict
-from .data import CropSpec, ShardImages, batches, expand
+from .data import CropSpec, ShardImages, batches
 from .losses import LossWeights, StageLoss
 from .metrics import MS_SSIM_MIN_SIDE
 from .model import RDEIC
+from .shards import expand
 from .weights import init_model, load_model, save_model
 
 log = logging.getLogger(__name__)

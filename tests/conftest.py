@@ -1,4 +1,7 @@
-"""Shared fixtures: a small random `tiny` model, a local S3 server (moto) and a local Ray with logical GPUs."""
+"""Shared fixtures: a small random `tiny` model, a local S3 server (moto) and a local Ray with logical GPUs.
+
+Tests marked ``gpu`` are skipped, with the reason in the summary (``-ra``), where torch sees no CUDA device.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +12,19 @@ import numpy as np
 import pytest
 
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu_tests = [item for item in items if "gpu" in item.keywords]
+    if not gpu_tests:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
+    for item in gpu_tests:
+        item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -27,7 +27,7 @@ CAP = 1 << 30
 READ_ALL = textwrap.dedent("""
     import json, sys
     from pipelines.samples import prepare
-    from pipelines.shards import ShardReader
+    from rdeic.shards import ShardReader
     with open(sys.argv[1], "rb") as f:
         out = [(p.key, getattr(p, "error_code", None), p.error) for p in (prepare(s, 4096 * 4096) for s in ShardReader(f))]
     print(json.dumps(out))

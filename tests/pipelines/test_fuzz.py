@@ -21,7 +21,7 @@ from PIL import Image, TiffImagePlugin
 
 from pipelines import reasons
 from pipelines.samples import prepare
-from pipelines.shards import Sample, ShardReader, UnreadableShardError, split_name
+from rdeic.shards import Sample, ShardReader, UnreadableShardError, split_name
 from tests.helpers import random_image
 
 log = logging.getLogger(__name__)

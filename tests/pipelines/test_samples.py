@@ -12,7 +12,8 @@ from PIL import Image
 
 from pipelines import reasons, samples
 from pipelines.samples import prepare, sidecars_from_json
-from pipelines.shards import Sample
+from rdeic import shards
+from rdeic.shards import Sample
 from tests.helpers import encode, random_image
 
 LIMIT = 4096 * 4096
@@ -190,7 +191,7 @@ def test_original_format_is_always_a_pil_format_name(files, expected):
 
 
 def test_original_format_falls_back_to_the_upper_cased_extension(monkeypatch):
-    monkeypatch.setattr(samples, "IMAGE_EXTENSIONS", ("xyz",))
+    monkeypatch.setattr(shards, "IMAGE_EXTENSIONS", ("xyz",))
     assert prepare(_sample(xyz=b"garbage"), LIMIT).original_format == "XYZ"
 
 

@@ -7,8 +7,28 @@ import tarfile
 
 import pytest
 
-from pipelines.shards import ShardReader, UnreadableShardError, split_name
+from pipelines import reasons, storage
+from rdeic.shards import CODES, ShardReader, UnreadableShardError, expand, expand_braces, split_name
 from tests.helpers import write_shard
+
+
+def test_brace_expansion():
+    assert expand_braces("s-{000..002}.tar") == ["s-000.tar", "s-001.tar", "s-002.tar"]
+    assert expand_braces("{a,b}/x{1..2}") == ["a/x1", "a/x2", "b/x1", "b/x2"]
+    assert expand_braces("plain.tar") == ["plain.tar"]
+
+
+def test_expand_globs_and_braces(tmp_path):
+    for name in ("a-0.tar", "a-1.tar", "b-0.tar", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    opts = storage.StorageOptions().fsspec_kwargs
+    assert [p.rsplit("/", 1)[-1] for p in expand([str(tmp_path / "*.tar")], opts)] == ["a-0.tar", "a-1.tar", "b-0.tar"]
+    got = expand([str(tmp_path / "a-{0..1}.tar"), str(tmp_path / "a-1.tar")])
+    assert [p.rsplit("/", 1)[-1] for p in got] == ["a-0.tar", "a-1.tar"]  # sorted, no duplicates
+
+
+def test_the_readers_error_codes_are_the_jobs_reason_codes():
+    assert set(CODES) <= set(reasons.CODES)
 
 
 def test_split_name():
@@ -212,7 +232,7 @@ def test_a_header_claiming_an_endless_member_ends_the_shard_at_once(tmp_path):
 
     shard = tmp_path / "s.tar"
     shard.write_bytes(_claim_size(_tar([("a.jpg", b"0123456789"), ("b.jpg", b"x")]), 1 << 62))
-    script = ("import sys; from pipelines.shards import ShardReader\n"
+    script = ("import sys; from rdeic.shards import ShardReader\n"
               "r = ShardReader(open(sys.argv[1], 'rb')); s = list(r)\n"
               "print([(x.key, x.error_code) for x in s], r.error is not None)")
     done = subprocess.run([sys.executable, "-c", script, str(shard)], capture_output=True, text=True, timeout=60)

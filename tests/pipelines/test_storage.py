@@ -5,21 +5,6 @@ import pytest
 from pipelines import storage
 
 
-def test_brace_expansion():
-    assert storage.expand_braces("s-{000..002}.tar") == ["s-000.tar", "s-001.tar", "s-002.tar"]
-    assert storage.expand_braces("{a,b}/x{1..2}") == ["a/x1", "a/x2", "b/x1", "b/x2"]
-    assert storage.expand_braces("plain.tar") == ["plain.tar"]
-
-
-def test_expand_inputs_globs_and_braces(tmp_path):
-    for name in ("a-0.tar", "a-1.tar", "b-0.tar", "notes.txt"):
-        (tmp_path / name).write_bytes(b"")
-    opts = storage.StorageOptions()
-    assert [p.rsplit("/", 1)[-1] for p in storage.expand_inputs([str(tmp_path / "*.tar")], opts)] == ["a-0.tar", "a-1.tar", "b-0.tar"]
-    got = storage.expand_inputs([str(tmp_path / "a-{0..1}.tar"), str(tmp_path / "a-1.tar")], opts)
-    assert [p.rsplit("/", 1)[-1] for p in got] == ["a-0.tar", "a-1.tar"]  # sorted, no duplicates
-
-
 def test_shard_ids_are_stems_in_one_folder_and_paths_across_folders():
     ids = storage.shard_ids(["s3://b/x/shard-000.tar", "s3://b/x/shard-001.tar"])
     assert list(ids.values()) == ["shard-000", "shard-001"]

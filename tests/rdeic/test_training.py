@@ -120,3 +120,26 @@ def test_settings_that_would_fail_or_destroy_work_are_refused_when_read(over, ke
     with pytest.raises(ConfigError, match=key) as info:
         _config("x", None, **over)
     assert "\n" not in str(info.value)
+
+
+def test_posterior_noise_is_drawn_where_the_generator_is(monkeypatch):
+    """The trainer's generator is a CPU one, and torch.randn(device="cuda", generator=<cpu>) raises
+    at the first CUDA step. A tensor on the "meta" device stands in for CUDA here, with torch.randn
+    refusing a generator of another device as CUDA's does."""
+    randn = torch.randn
+
+    def strict_randn(*size, generator=None, device=None, **kw):
+        wanted = torch.device(device if device is not None else "cpu").type
+        if generator is not None and generator.device.type != wanted:
+            raise RuntimeError(f"Expected a '{wanted}' device type for generator but found '{generator.device.type}'")
+        return randn(*size, generator=generator, device=device, **kw)
+
+    monkeypatch.setattr(torch, "randn", strict_randn)
+    model = init_model("tiny")
+    moments = torch.zeros(2, 2 * model.config.vae["latent_channels"], 4, 4)
+    z = model.latent_from_moments(moments.to("meta"), generator=torch.Generator().manual_seed(3), sample=True)
+    assert z.device.type == "meta" and z.shape == (2, moments.shape[1] // 2, 4, 4)
+    # the same draw as on the CPU, so a run is reproducible on any device
+    cpu = model.latent_from_moments(moments, generator=torch.Generator().manual_seed(3), sample=True)
+    expected = randn((2, moments.shape[1] // 2, 4, 4), generator=torch.Generator().manual_seed(3)) * model.config.scale_factor
+    assert torch.equal(cpu, expected)

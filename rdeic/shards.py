@@ -1,4 +1,6 @@
-r"""Reading WebDataset tar shards as a stream of samples.
+r"""WebDataset tar shards, for the jobs and for training alike: which files a list of patterns
+names (:func:`expand`), the samples of one shard (:class:`ShardReader`), and which of a sample's
+files is its image (:func:`pick_image`).
 
 WebDataset convention: consecutive tar members whose names share the part before the
 first dot of the file name form one sample (``a/b/000123.jpg`` and ``a/b/000123.json`` →
@@ -29,16 +31,22 @@ before the damage; the damage is the reader's ``error``, and a member cut by it 
 
 from __future__ import annotations
 
+import glob as _glob
+import re
 import tarfile
 from dataclasses import dataclass, field
-from typing import IO, Iterator
+from typing import IO, Callable, Iterator
 
-from . import reasons
+import fsspec
 
 SKIPPED_LIMIT = 1000  # skipped members listed by name; all are counted
 MAX_MEMBER_BYTES = 256 << 20  # one member: a 16-bit TIFF of 4096² is 96 MiB
 MAX_SIDECAR_BYTES = 16 << 20  # all of a sample's files but its image
 HEAD_BYTES = 32
+CODES = ("bad_name", "not_a_file", "too_large", "duplicate_key", "bad_member")  # a sample's reader errors; see pipelines/reasons.py
+
+# Extensions taken as a sample's image, in order of preference.
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm", "pgm", "pbm", "pnm", "jp2", "jpx")
 
 _NOT_A_FILE = {tarfile.SYMTYPE: "symlink", tarfile.LNKTYPE: "hardlink", tarfile.FIFOTYPE: "fifo",
                tarfile.CHRTYPE: "device", tarfile.BLKTYPE: "device"}
@@ -62,13 +70,15 @@ class Sample:
     index: int  # position of the sample in its shard, from 0
     files: dict[str, bytes] = field(default_factory=dict)  # extension -> content
     error: str | None = None  # set when the sample itself is unusable (e.g. a duplicate key)
-    error_code: str | None = None  # a key of reasons.CODES, set with error
+    error_code: str | None = None  # one of CODES, set with error
     bad_members: dict[str, str] = field(default_factory=dict)  # extension -> name of a member not read
 
     def fail(self, code: str, message: str) -> None:
         """Record an error; a sample keeps the first one it gets."""
+        if code not in CODES:
+            raise ValueError(f"unknown reason code {code!r} for a sample; known: {list(CODES)}")
         if self.error is None:
-            self.error, self.error_code = message, reasons.check(code)
+            self.error, self.error_code = message, code
 
 
 def split_name(name: str) -> tuple[str, str | None]:
@@ -79,6 +89,20 @@ def split_name(name: str) -> tuple[str, str | None]:
     if not stem or not dot:
         return name, None
     return (f"{folder}/{stem}" if folder else stem), ext
+
+
+def pick_image(files: dict[str, bytes]) -> str | None:
+    """The image's extension: the first of IMAGE_EXTENSIONS among the sample's (any case), else the
+    first (sorted) whose last part is one, as WebDataset's decoders read ``in.name.jpg`` as a JPEG."""
+    lowered = {ext.lower(): ext for ext in files}
+    for ext in IMAGE_EXTENSIONS:
+        if ext in lowered:
+            return lowered[ext]
+    for ext in IMAGE_EXTENSIONS:
+        for lower in sorted(lowered):
+            if lower.rpartition(".")[2] == ext:
+                return lowered[lower]
+    return None
 
 
 def utf8_name(name: str) -> str:
@@ -274,3 +298,44 @@ class ShardReader:
         # end-of-archive block tells a truncated shard from a complete one
         if tar.fileobj.comptype == "tar" and stream.block_at(tar.offset) != bytes(512):
             self.error = f"tar stream ends without its end-of-archive block after {self.members} members (truncated?)"
+
+
+_BRACE = re.compile(r"\{([^{}]*)\}")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """``a{0..2}b`` → a0b a1b a2b (zero padding kept: ``{000..010}``); ``{x,y}`` → x y."""
+    m = _BRACE.search(pattern)
+    if not m:
+        return [pattern]
+    body = m.group(1)
+    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if rng:
+        lo, hi = rng.groups()
+        width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
+        options = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
+    else:
+        options = body.split(",")
+    out = []
+    for opt in options:
+        out += expand_braces(pattern[: m.start()] + opt + pattern[m.end():])
+    return out
+
+
+def expand(patterns: list[str], fsspec_kwargs: Callable[[str], dict] | None = None) -> list[str]:
+    """Shard URLs from brace patterns and globs, local or any fsspec URL, sorted, without duplicates.
+
+    Globs are listed; brace-expanded names are kept as given (a missing one fails where it is
+    read, so it is reported instead of silently giving less). ``fsspec_kwargs(protocol)``: the
+    filesystem's options for a protocol (``s3``, ``file``, ...) of the patterns.
+    """
+    urls: list[str] = []
+    for pattern in patterns:
+        for item in expand_braces(pattern):
+            if _glob.has_magic(item):
+                proto = item.split("://", 1)[0] if "://" in item else "file"
+                fs, path = fsspec.core.url_to_fs(item, **(fsspec_kwargs(proto) if fsspec_kwargs else {}))
+                urls += [p if proto == "file" else f"{proto}://{p}" for p in sorted(fs.glob(path))]
+            else:
+                urls.append(item)
+    return sorted(dict.fromkeys(urls))
