@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from . import bitstream as bs
-from .compression import LatentCode
+from .coders import CoderPool, InlineCoder, make_coder, run_lockstep, run_pipelined
+from .compression import DecodedLatents, LatentCode
 from .errors import BitstreamError, EntropyDesyncError, ModelMismatchError, PayloadError
 from .model import RDEIC
 from .modeldir import legacy_digest
@@ -70,16 +71,23 @@ class Codec:
         max_batch: int = 8,
         deterministic: bool = True,
         model_dir: str | os.PathLike | None = None,
+        coder_processes: int = 0,
     ) -> None:
-        """``model_dir``: where the model was loaded from, to accept bitstreams with its legacy digest."""
+        """``model_dir``: where the model was loaded from, to accept bitstreams with its legacy digest.
+        ``coder_processes``: entropy coding in that many processes beside the model (0: in this thread);
+        see :mod:`rdeic.coders`. The bytes and pixels are the same either way."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if isinstance(coder_processes, bool) or not isinstance(coder_processes, int) or coder_processes < 0:
+            raise ValueError(f"coder_processes must be an integer >= 0, got {coder_processes!r}")
         self.device = torch.device(device) if device is not None else model.device
         self.model = model.to(self.device).eval()
         self.model_id = model_id
         self.max_batch = max_batch
         self.deterministic = deterministic
         self.model_dir = model_dir
+        self.coder_processes = coder_processes
+        self._coder: InlineCoder | CoderPool | None = None
         self._legacy_digest: bytes | None = None
 
     @classmethod
@@ -90,9 +98,28 @@ class Codec:
         dtype: torch.dtype | None = None,
         max_batch: int = 8,
         deterministic: bool = True,
+        coder_processes: int = 0,
     ) -> "Codec":
         model, model_id = load_model(model_dir, device=device, dtype=dtype)
-        return cls(model, model_id, device=device, max_batch=max_batch, deterministic=deterministic, model_dir=model_dir)
+        return cls(model, model_id, device=device, max_batch=max_batch, deterministic=deterministic, model_dir=model_dir,
+                   coder_processes=coder_processes)
+
+    def coder(self) -> InlineCoder | CoderPool:
+        """The entropy coder (its processes start on first use)."""
+        if self._coder is None:
+            self._coder = make_coder(self.model.compression.cdf_tables(), self.coder_processes)
+        return self._coder
+
+    def close(self) -> None:
+        """Stop the coder processes, if any (also done at exit); the codec stays usable."""
+        if self._coder is not None:
+            self._coder.close()
+
+    def __enter__(self) -> "Codec":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @contextmanager
     def _numerics(self):
@@ -130,15 +157,22 @@ class Codec:
         for i, im in enumerate(images):
             groups[(bs.padded(im.shape[0]), bs.padded(im.shape[1]))].append(i)
         out: list[bytes] = [b""] * len(images)
-        for (ph, pw), members in groups.items():
-            for batch in _batches(members, self.max_batch):
-                x = torch.stack([self._to_tensor(images[i], ph, pw) for i in batch]).to(self.device)
-                with self._numerics():
-                    feat, _ = self.model.vae_features(x.to(self.model.dtype))
-                    codes = self.model.compression.compress(feat.float())
-                for i, code in zip(batch, codes):
-                    seed = code.symbols_crc if seeds is None else int(seeds[i])
-                    out[i] = self._write(images[i].shape, code, seed)
+
+        def analyse(batch: list[int]):
+            ph, pw = bs.padded(images[batch[0]].shape[0]), bs.padded(images[batch[0]].shape[1])
+            x = torch.stack([self._to_tensor(images[i], ph, pw) for i in batch]).to(self.device)
+            with self._numerics():
+                feat, _ = self.model.vae_features(x.to(self.model.dtype))
+                latents = self.model.compression.analyse(feat.float())
+            return [(s.symbols, s.indexes) for s in latents], latents
+
+        def finish(batch: list[int], latents, y_strings: list[bytes]) -> None:
+            for i, latent, y in zip(batch, latents, y_strings):
+                seed = latent.symbols_crc if seeds is None else int(seeds[i])
+                out[i] = self._write(images[i].shape, latent.code(y), seed)
+
+        batches = (batch for members in groups.values() for batch in _batches(members, self.max_batch))
+        run_pipelined(batches, analyse, self.coder(), finish)
         return out
 
     @staticmethod
@@ -231,11 +265,20 @@ class Codec:
         """
         steps = self.check_decode_args(steps, detail, max_pixels)
         results: list[np.ndarray | BitstreamError] = [None] * len(bitstreams)  # type: ignore[list-item]
-        for batch in self._accepted_batches(bitstreams, max_pixels, results):
-            with self._numerics():
-                images = self._decode_batch([s for _, s in batch], steps, float(detail))
-            for (i, _), image in zip(batch, images):
-                results[i] = image
+
+        def job(batch: list[tuple[int, bs.Bitstream]]):
+            streams = [s for _, s in batch]
+            codes = [self._latent_code(s) for s in streams]
+
+            def done(latents: DecodedLatents) -> None:
+                with self._numerics():
+                    images = self._diffuse(streams, latents, steps, float(detail))
+                for (i, _), image in zip(batch, images):
+                    results[i] = image
+
+            return [c.y_string for c in codes], self._numerics_steps(self.model.compression.decode_steps(codes)), done
+
+        run_lockstep((job(b) for b in self._accepted_batches(bitstreams, max_pixels, results)), self.coder())
         return results
 
     @torch.no_grad()
@@ -246,13 +289,30 @@ class Codec:
         the payload, and the entropy decoder's symbols against the encoder's CRC.
         """
         results: list[BitstreamError | None] = [None] * len(bitstreams)
-        for batch in self._accepted_batches(bitstreams, max_pixels, results):
-            with self._numerics():
-                crcs = self.model.compression.decompress([self._latent_code(s) for _, s in batch]).symbols_crc
-            for (i, s), crc in zip(batch, crcs):
-                if crc != s.header.symbols_crc:
-                    results[i] = _desync()
+
+        def job(batch: list[tuple[int, bs.Bitstream]]):
+            codes = [self._latent_code(s) for _, s in batch]
+
+            def done(latents: DecodedLatents) -> None:
+                for (i, s), crc in zip(batch, latents.symbols_crc):
+                    if crc != s.header.symbols_crc:
+                        results[i] = _desync()
+
+            return [c.y_string for c in codes], self._numerics_steps(self.model.compression.decode_steps(codes)), done
+
+        run_lockstep((job(b) for b in self._accepted_batches(bitstreams, max_pixels, results)), self.coder())
         return results
+
+    def _numerics_steps(self, steps):
+        """A decode generator whose every step runs under :meth:`_numerics`."""
+        request = None
+        while True:
+            with self._numerics():
+                try:
+                    values = steps.send(request)
+                except StopIteration as stop:
+                    return stop.value
+            request = yield values
 
     def _accepted_batches(self, bitstreams: Sequence[bytes], max_pixels: int | None,
                           results: list) -> Iterable[list[tuple[int, bs.Bitstream]]]:
@@ -292,9 +352,9 @@ class Codec:
         symbols = self.config.compression.M * h.y_shape[0] * h.y_shape[1]
         return LatentCode(stream.hyper_indices, stream.y + bytes(4 * symbols + (64 << 10)), h.y_shape, h.symbols_crc)
 
-    def _decode_batch(self, streams: list[bs.Bitstream], steps: int, detail: float) -> list[np.ndarray | BitstreamError]:
-        codes = [self._latent_code(s) for s in streams]
-        latents = self.model.compression.decompress(codes)
+    def _diffuse(self, streams: list[bs.Bitstream], latents: DecodedLatents, steps: int,
+                 detail: float) -> list[np.ndarray | BitstreamError]:
+        """Pixels of the streams whose symbols check out, from their decoded latents."""
         z_c, hint = latents.z_c, latents.guide_hint
         ok = [k for k, (s, crc) in enumerate(zip(streams, latents.symbols_crc)) if crc == s.header.symbols_crc]
         out: list[np.ndarray | BitstreamError] = [_desync()] * len(streams)

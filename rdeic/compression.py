@@ -34,7 +34,8 @@ from torch import nn
 
 from . import checkerboard as ckbd
 from .config import CompressionConfig
-from .entropy import BufferedRansEncoder, GaussianConditional, RansDecoder
+from .coders import DecodeSteps, InlineCoder, encode_one, run_lockstep
+from .entropy import GaussianConditional
 from .errors import ModelFormatError
 from .layers import (
     ChannelContext,
@@ -62,6 +63,20 @@ class LatentCode:
     y_shape: tuple[int, int]  # (h/16, w/16)
     symbols_crc: int  # CRC32 of hyper indices and y symbols, in coding order
     symbols: np.ndarray | None = field(default=None, compare=False, repr=False)  # y symbols, coding order
+
+
+@dataclass(frozen=True)
+class LatentSymbols:
+    """One image's latent before entropy coding: what the model hands to a coder."""
+
+    hyper_indices: np.ndarray  # (h/64, w/64) codebook indices
+    symbols: np.ndarray  # y symbols, int32, coding order
+    indexes: np.ndarray  # their CDF rows, int32
+    y_shape: tuple[int, int]
+    symbols_crc: int
+
+    def code(self, y_string: bytes) -> LatentCode:
+        return LatentCode(self.hyper_indices, y_string, self.y_shape, self.symbols_crc, self.symbols)
 
 
 @dataclass(frozen=True)
@@ -166,10 +181,6 @@ def _cdf_problem(tables: Mapping[str, torch.Tensor]) -> str | None:
         r = _first(bad)
         return f"row {r} of _quantized_cdf is not increasing (a symbol would have zero frequency)"
     return None
-
-
-def _crc_update(crc: int, values: torch.Tensor) -> int:
-    return zlib.crc32(values.to(torch.int32).cpu().numpy().astype("<i4").tobytes(), crc)
 
 
 def _check_symbols(sym: torch.Tensor) -> None:
@@ -335,9 +346,13 @@ class LatentCompression(nn.Module):
         }
 
     # --------------------------------------------------------------- coding path
+    def cdf_tables(self) -> tuple[list, list, list]:
+        """The entropy tables as the rANS coder takes them (checked once, then cached)."""
+        return self._cdfs()
+
     @torch.no_grad()
-    def compress(self, feat: torch.Tensor) -> list[LatentCode]:
-        """Entropy-code a batch of VAE features (B, in_channels, h/8, w/8) into one LatentCode per image."""
+    def analyse(self, feat: torch.Tensor) -> list[LatentSymbols]:
+        """The model side of :meth:`compress`: each image's symbols and CDF rows, ready for a coder."""
         y = self.g_a(feat)
         _, indices = self.quantizer.quantize(self.h_a(y))
         ctxm = self._coding_modules()
@@ -345,19 +360,16 @@ class LatentCompression(nn.Module):
         hyper = ctxm["h_s"](self.quantizer.lookup(indices).to(dtype))
         y = y.to(dtype)
         gc = self.gaussian_conditional
-        batch = y.shape[0]
-        symbols: list[list[torch.Tensor]] = [[] for _ in range(batch)]
-        cdf_idx: list[list[torch.Tensor]] = [[] for _ in range(batch)]
+        symbols: list[torch.Tensor] = []
+        cdf_idx: list[torch.Tensor] = []
         y_hats: list[torch.Tensor] = []
 
         def code(values: torch.Tensor, scales: torch.Tensor, means: torch.Tensor, anchor: bool) -> torch.Tensor:
             v, s, m = (ckbd.squeeze(t, anchor) for t in (values, scales, means))
             sym = torch.round(v - m)
             _check_symbols(sym)
-            idx = gc.build_indexes(s)
-            for n in range(batch):
-                symbols[n].append(sym[n].reshape(-1).to(torch.int32).cpu())
-                cdf_idx[n].append(idx[n].reshape(-1).cpu())
+            symbols.append(sym.flatten(1).to(torch.int32))
+            cdf_idx.append(gc.build_indexes(s).flatten(1).to(torch.int32))
             return ckbd.unsqueeze(sym + m, anchor)
 
         for i, (a, b) in enumerate(self._slice_bounds()):
@@ -368,62 +380,70 @@ class LatentCompression(nn.Module):
             s_n, m_n = ctxm["nonanchor"][i](torch.cat([local] + ctx + [hyper], dim=1)).chunk(2, 1)
             y_hats.append(anchor_hat + code(y[:, a:b], s_n, m_n, anchor=False))
 
-        cdf, lengths, offsets = self._cdfs()
-        codes = []
-        for n in range(batch):
-            sym = torch.cat(symbols[n])
-            encoder = BufferedRansEncoder()
-            encoder.encode_with_indexes(sym.tolist(), torch.cat(cdf_idx[n]).tolist(), cdf, lengths, offsets)
-            hyper_idx = indices[n].cpu()
-            crc = _crc_update(_crc_update(0, hyper_idx), sym)
-            codes.append(
-                LatentCode(hyper_idx.numpy().astype(np.int64), encoder.flush(), tuple(y.shape[-2:]), crc, sym.numpy())
-            )
-        return codes
+        self._cdfs()  # refuse broken tables before anything is handed to a coder
+        sym_all = torch.cat(symbols, dim=1).cpu().numpy()  # (B, symbols), coding order
+        idx_all = torch.cat(cdf_idx, dim=1).cpu().numpy()
+        hyper_all = indices.cpu().numpy().astype(np.int64)
+        out = []
+        for n in range(y.shape[0]):
+            sym = np.ascontiguousarray(sym_all[n])
+            crc = zlib.crc32(sym.astype("<i4").tobytes(), zlib.crc32(hyper_all[n].astype("<i4").tobytes()))
+            out.append(LatentSymbols(hyper_all[n], sym, np.ascontiguousarray(idx_all[n]), tuple(y.shape[-2:]), crc))
+        return out
 
     @torch.no_grad()
-    def decompress(self, codes: list[LatentCode]) -> DecodedLatents:
-        """Decode LatentCodes of one shape (their ``symbols_crc`` is not consulted here)."""
+    def compress(self, feat: torch.Tensor) -> list[LatentCode]:
+        """Entropy-code a batch of VAE features (B, in_channels, h/8, w/8) into one LatentCode per image."""
+        tables = self._cdfs()
+        return [s.code(encode_one(s.symbols, s.indexes, tables)) for s in self.analyse(feat)]
+
+    def decode_steps(self, codes: list[LatentCode]) -> DecodeSteps:
+        """The model side of :meth:`decompress`, as a generator: yields each image's CDF rows of the next
+        chunk of symbols, receives the chunk's decoded symbols, returns the DecodedLatents
+        (:func:`rdeic.coders.run_lockstep` drives it; ``symbols_crc`` of the codes is not consulted)."""
         shapes = {(c.y_shape, c.hyper_indices.shape) for c in codes}
         if len(shapes) != 1:
             raise ValueError(f"decompress takes codes of one shape per call, got {sorted(shapes)}")
-        device = self.out.weight.device
-        dtype = getattr(torch, self.config.coding_dtype)
-        indices = torch.from_numpy(np.stack([c.hyper_indices for c in codes])).long().to(device)
-        ctxm = self._coding_modules()
-        hyper = ctxm["h_s"](self.quantizer.lookup(indices).to(dtype))
-        gc = self.gaussian_conditional
-        cdf, lengths, offsets = self._cdfs()
-        decoders = []
-        crcs = []
-        decoded: list[list[torch.Tensor]] = [[] for _ in codes]
-        for c in codes:
-            dec = RansDecoder()
-            dec.set_stream(c.y_string)
-            decoders.append(dec)
-            crcs.append(_crc_update(0, torch.from_numpy(c.hyper_indices)))
+        with torch.no_grad():
+            device = self.out.weight.device
+            dtype = getattr(torch, self.config.coding_dtype)
+            indices = torch.from_numpy(np.stack([c.hyper_indices for c in codes])).long().to(device)
+            ctxm = self._coding_modules()
+            hyper = ctxm["h_s"](self.quantizer.lookup(indices).to(dtype))
+            gc = self.gaussian_conditional
+            self._cdfs()
+        crcs = [zlib.crc32(c.hyper_indices.astype("<i4").tobytes()) for c in codes]
+        decoded: list[list[np.ndarray]] = [[] for _ in codes]
         y_hats: list[torch.Tensor] = []
-
-        def decode(scales: torch.Tensor, means: torch.Tensor, anchor: bool) -> torch.Tensor:
-            s, m = ckbd.squeeze(scales, anchor), ckbd.squeeze(means, anchor)
-            idx = gc.build_indexes(s).cpu()
-            rows = []
-            for n, dec in enumerate(decoders):
-                vals = torch.tensor(dec.decode_stream(idx[n].reshape(-1).tolist(), cdf, lengths, offsets))
-                crcs[n] = _crc_update(crcs[n], vals)
-                decoded[n].append(vals.to(torch.int32))
-                rows.append(vals.reshape(s.shape[1:]))
-            sym = torch.stack(rows).to(device=device, dtype=dtype)
-            return ckbd.unsqueeze(sym + m, anchor)
-
         for i in range(len(self.config.slices)):
-            ctx = [] if i == 0 else [ctxm["channel"][i](torch.cat(y_hats, dim=1))]
-            s_a, m_a = ctxm["anchor"][i](torch.cat(ctx + [hyper], dim=1)).chunk(2, 1)
-            anchor_hat = decode(s_a, m_a, anchor=True)
-            local = ctxm["local"][i](anchor_hat)
-            s_n, m_n = ctxm["nonanchor"][i](torch.cat([local] + ctx + [hyper], dim=1)).chunk(2, 1)
-            y_hats.append(anchor_hat + decode(s_n, m_n, anchor=False))
+            for anchor in (True, False):
+                with torch.no_grad():
+                    ctx = [] if i == 0 else [ctxm["channel"][i](torch.cat(y_hats, dim=1))]
+                    if anchor:
+                        s, m = ctxm["anchor"][i](torch.cat(ctx + [hyper], dim=1)).chunk(2, 1)
+                    else:
+                        local = ctxm["local"][i](anchor_hat)
+                        s, m = ctxm["nonanchor"][i](torch.cat([local] + ctx + [hyper], dim=1)).chunk(2, 1)
+                    s, m = ckbd.squeeze(s, anchor), ckbd.squeeze(m, anchor)
+                    idx = gc.build_indexes(s).flatten(1).to(torch.int32).cpu().numpy()
+                values = yield [np.ascontiguousarray(row) for row in idx]
+                for n, vals in enumerate(values):
+                    crcs[n] = zlib.crc32(vals.astype("<i4").tobytes(), crcs[n])
+                    decoded[n].append(vals)
+                with torch.no_grad():
+                    sym = torch.from_numpy(np.stack(values)).reshape(s.shape).to(device=device, dtype=dtype)
+                    hat = ckbd.unsqueeze(sym + m, anchor)
+                if anchor:
+                    anchor_hat = hat
+                else:
+                    y_hats.append(anchor_hat + hat)
+        with torch.no_grad():
+            y_hat = torch.cat(y_hats, dim=1).to(self.out.weight.dtype)
+            guide = self.g_s(y_hat)
+            return DecodedLatents(self.out(guide), guide, [np.concatenate(d) for d in decoded], crcs)
 
-        y_hat = torch.cat(y_hats, dim=1).to(self.out.weight.dtype)
-        guide = self.g_s(y_hat)
-        return DecodedLatents(self.out(guide), guide, [torch.cat(d).numpy() for d in decoded], crcs)
+    def decompress(self, codes: list[LatentCode]) -> DecodedLatents:
+        """Decode LatentCodes of one shape (their ``symbols_crc`` is not consulted here)."""
+        result: list[DecodedLatents] = []
+        run_lockstep([([c.y_string for c in codes], self.decode_steps(codes), result.append)], InlineCoder(self._cdfs()))
+        return result[0]

@@ -34,6 +34,14 @@ def _register_lazily() -> None:
 _register_lazily()
 
 from compressai.ans import BufferedRansEncoder, RansDecoder  # noqa: E402
-from compressai.entropy_models import GaussianConditional  # noqa: E402
 
 __all__ = ["BufferedRansEncoder", "GaussianConditional", "RansDecoder"]
+
+
+def __getattr__(name: str):
+    # imported on demand: it brings torch, which a coder process (rdeic.coders) does without
+    if name == "GaussianConditional":
+        from compressai.entropy_models import GaussianConditional
+
+        return GaussianConditional
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

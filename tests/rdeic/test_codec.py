@@ -85,10 +85,10 @@ def test_max_pixels_counts_padded_pixels(tiny_codec, rng):
 
 
 def test_default_limit_refuses_before_decoding(tiny_codec, rng, monkeypatch):
-    def decode_batch(*args, **kwargs):
+    def decode_steps(*args, **kwargs):
         raise AssertionError("a stream over the default limit reached the decoder")
 
-    monkeypatch.setattr(Codec, "_decode_batch", decode_batch)
+    monkeypatch.setattr(type(tiny_codec.model.compression), "decode_steps", decode_steps)
     huge = forged_size(tiny_codec.compress([random_image(rng, 64, 64)])[0], 5000, 5000)
     with pytest.raises(ImageTooLargeError, match="over the decode limit of 16777216"):
         tiny_codec.decompress([huge])
@@ -122,8 +122,8 @@ def test_the_entropy_decoder_never_reads_past_the_bytes_it_is_given(tiny_codec, 
     from rdeic import bitstream as bs
 
     compression = tiny_codec.model.compression
-    decompress, given = type(compression).decompress, []
-    monkeypatch.setattr(type(compression), "decompress", lambda self, codes: given.extend(codes) or decompress(self, codes))
+    decompress, steps, given = type(compression).decompress, type(compression).decode_steps, []
+    monkeypatch.setattr(type(compression), "decode_steps", lambda self, codes: given.extend(codes) or steps(self, codes))
     stream = bs.read(forged_size(tiny_codec.compress([random_image(rng, 64, 64)])[0], 256, 256))  # 12288 y symbols
     tiny_codec.decompress_results([bs.write(stream.header, stream.hyper, y)], steps=1)
     code = given[0]
