@@ -233,7 +233,7 @@ def _run(args, output: JobOutput, spec: AuditSpec, units: list[ShardTask], plan:
         init_ray(args.ray_address)
     result = run_tasks("audit", spec, todo, args.actors, args.max_retries, skipped=len(units) - len(todo), desc="audit",
                        start_timeout=args.start_timeout, check=lambda: _check_leases(output, lock),
-                       progress=not args.quiet)
+                       progress=not args.quiet, coder_processes=args.coder_processes)
     done = [s for s in result.stats if not s.skipped]
     run = summarize("audit", output.run_id, started, len(units), done, result.failed, result.seconds,
                     result.startup_seconds, result.actors, skipped=len(units) - len(done) - len(result.failed),

@@ -31,6 +31,9 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--start-timeout", type=float, default=600.0, metavar="S",
                    help="give up if no worker has started after S seconds (default 600); work starts with the first")
     p.add_argument("--batch-size", type=int, default=8, help="images per model call (default 8)")
+    p.add_argument("--coder-processes", type=int, metavar="N",
+                   help="entropy-coding processes beside each worker's model, one more CPU each (default: on GPU workers "
+                        "the cluster's CPUs per GPU less one, at most 8; on CPU workers 0, coding in the model's thread)")
     p.add_argument("--max-retries", type=int, default=3, help="retries of a unit whose worker died or failed (default 3)")
     p.add_argument("--overwrite", action="store_true",
                    help="rewrite the committed units of this run's inputs that were written with other settings (each is logged)")
@@ -51,7 +54,7 @@ def at_least(args: argparse.Namespace, name: str, low: float, what: str = "") ->
 
 def check_run_args(args: argparse.Namespace) -> None:
     """The options every job shares, checked before Ray starts or a model loads."""
-    for name, low in (("batch-size", 1), ("max-retries", 0), ("actors", 1)):
+    for name, low in (("batch-size", 1), ("max-retries", 0), ("actors", 1), ("coder-processes", 0)):
         at_least(args, name, low)
     for name in ("start-timeout", "lease-ttl"):
         at_least(args, name, 1, " second")
@@ -116,7 +119,8 @@ def run_units(kind: str, output: JobOutput, spec, units: list[ShardTask], args: 
     todo = [u for u in units if u.shard_id not in output.committed]
     init_ray(args.ray_address)
     result = run_tasks(kind, spec, todo, args.actors, args.max_retries, skipped=len(units) - len(todo), desc=kind,
-                       start_timeout=args.start_timeout, check=lambda: _check_lease(output), progress=not args.quiet)
+                       start_timeout=args.start_timeout, check=lambda: _check_lease(output), progress=not args.quiet,
+                       coder_processes=args.coder_processes)
     done = [s for s in result.stats if not s.skipped]
     run = summarize(kind, output.run_id, started, len(units), done, result.failed, result.seconds,
                     result.startup_seconds, result.actors, skipped=len(units) - len(done) - len(result.failed),

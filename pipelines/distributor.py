@@ -36,7 +36,7 @@ IN_FLIGHT_PER_ACTOR = 2
 class WorkerActor:
     """Ray actor body: load the codec on this actor's device, then process units."""
 
-    def __init__(self, kind: str, spec) -> None:
+    def __init__(self, kind: str, spec, coder_processes: int = 0) -> None:
         import warnings
 
         warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
@@ -45,7 +45,8 @@ class WorkerActor:
         from .modelcache import localize_model
 
         device = pick_device(spec.device)
-        codec = Codec.load(localize_model(spec.model, spec.storage), device=device, max_batch=spec.batch_size)
+        codec = Codec.load(localize_model(spec.model, spec.storage), device=device, max_batch=spec.batch_size,
+                           coder_processes=coder_processes)
         expected = spec.settings.get("model_id")
         if expected and str(codec.model_id) != expected:
             raise RuntimeError(f"this worker loaded model {codec.model_id}, but the driver expected {expected} "
@@ -58,6 +59,7 @@ class WorkerActor:
             "gpu_ids": [str(g) for g in context.get_accelerator_ids().get("GPU", [])],
             "device": device,
             "actor_id": context.get_actor_id(),
+            "coder_processes": coder_processes,
         }
         if kind == "compress":
             from .compress import ShardCompressor
@@ -117,17 +119,26 @@ def init_ray(address: str | None = None) -> None:
         ray.init(include_dashboard=False, log_to_driver=True)
 
 
-def actor_resources(device: str, num_actors: int | None) -> tuple[int, dict]:
-    """(number of actors, per-actor options). ``cuda`` asks for a GPU per actor even when the cluster
-    has none yet, which is what makes an autoscaler start GPU nodes."""
+def actor_resources(device: str, num_actors: int | None, coder_processes: int | None = None) -> tuple[int, dict, int]:
+    """(number of actors, per-actor options, coder processes per actor). ``cuda`` asks for a GPU per actor
+    even when the cluster has none yet, which is what makes an autoscaler start GPU nodes.
+
+    Each coder process (entropy coding beside the model, ``rdeic.coders``) is one more CPU the actor
+    asks for. By default GPU actors get the cluster's CPUs per GPU less one for the model's thread
+    (at most 8), CPU actors none: there the model and the coders would share the same cores.
+    """
     if device not in DEVICES:
         raise ValueError(f"--device must be one of {DEVICES}, got {device!r}")
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    if device == "cuda" or (device == "auto" and gpus):
-        return (num_actors or max(gpus, 1)), {"num_gpus": 1, "num_cpus": 1}
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    on_gpu = device == "cuda" or (device == "auto" and gpus)
+    if coder_processes is None:
+        coder_processes = max(0, min(8, int(resources.get("CPU", 1)) // max(gpus, 1) - 1)) if on_gpu else 0
+    if on_gpu:
+        return (num_actors or max(gpus, 1)), {"num_gpus": 1, "num_cpus": 1 + coder_processes}, coder_processes
     if device == "auto":
         log.info("no GPUs in the Ray cluster now: CPU workers (on an autoscaling cluster, --device cuda asks for GPU nodes)")
-    return (num_actors or 1), {"num_gpus": 0, "num_cpus": 1}
+    return (num_actors or 1), {"num_gpus": 0, "num_cpus": 1 + coder_processes}, coder_processes
 
 
 @dataclass
@@ -140,15 +151,15 @@ class _Actor:
 
 
 class _Pool:
-    def __init__(self, kind: str, spec, count: int, options: dict, max_replacements: int) -> None:
+    def __init__(self, kind: str, spec, count: int, options: dict, max_replacements: int, coder_processes: int = 0) -> None:
         self.remote_cls = ray.remote(**options, max_restarts=0, max_task_retries=0)(WorkerActor)
-        self.kind, self.spec, self.options = kind, spec, options
+        self.kind, self.spec, self.options, self.coder_processes = kind, spec, options, coder_processes
         self.replacements_left = max_replacements
         self.actors = [self._start() for _ in range(count)]
         self.infos: list[dict] = []
 
     def _start(self) -> _Actor:
-        handle = self.remote_cls.remote(self.kind, self.spec)
+        handle = self.remote_cls.remote(self.kind, self.spec, self.coder_processes)
         return _Actor(handle, handle.describe.remote())
 
     def starting(self) -> dict:
@@ -253,7 +264,8 @@ class _Scheduler:
 
 def run_tasks(kind: str, spec, tasks: list[ShardTask], num_actors: int | None, max_retries: int = 3,
               skipped: int = 0, desc: str = "units", start_timeout: float = 600.0,
-              check: Callable[[], None] = lambda: None, progress: bool = True) -> RunResult:
+              check: Callable[[], None] = lambda: None, progress: bool = True,
+              coder_processes: int | None = None) -> RunResult:
     """Run every task on a pool of actors; each task succeeds once or ends in ``failed``.
 
     ``check`` is called between results and may raise to stop the run (e.g. the lease was lost).
@@ -262,9 +274,9 @@ def run_tasks(kind: str, spec, tasks: list[ShardTask], num_actors: int | None, m
     result = RunResult()
     if not tasks:
         return result
-    count, options = actor_resources(spec.device, num_actors)
+    count, options, coders = actor_resources(spec.device, num_actors, coder_processes)
     count = min(count, len(tasks))
-    pool = _Pool(kind, spec, count, options, max_replacements=count * (max_retries + 1))
+    pool = _Pool(kind, spec, count, options, max_replacements=count * (max_retries + 1), coder_processes=coders)
     sched = _Scheduler(pool, tasks, max_retries, result)
     images = errors = 0
     bar = tqdm(total=len(tasks) + skipped, initial=skipped, desc=desc, unit="unit", dynamic_ncols=True, disable=not progress)

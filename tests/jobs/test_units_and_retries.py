@@ -203,3 +203,31 @@ def test_device_cuda_without_cuda_is_one_line(ray_cluster, tiny_model_dir, tmp_p
     assert _compress(str(tmp_path / "in" / "*.tar"), tmp_path / "out", tiny_model_dir, "--device", "cuda") == 1
     err = capsys.readouterr().err
     assert "no CUDA device is visible" in err and err.count("\n") == 1
+
+
+def test_coder_processes_beside_the_model_write_the_same_archive(ray_cluster, tiny_model_dir, tmp_path):
+    """A worker with a coder process (one more CPU) writes the bitstreams a worker coding inline writes,
+    and decodes them to the same pixels."""
+    make_shards(tmp_path / "in", 2, 3)
+    shards = str(tmp_path / "in" / "*.tar")
+    assert _compress(shards, tmp_path / "inline", tiny_model_dir, "--actors", "1") == 0
+    assert _compress(shards, tmp_path / "pooled", tiny_model_dir, "--actors", "1", "--coder-processes", "1") == 0
+    assert [w["coder_processes"] for w in _summary(tmp_path / "inline")["run"]["workers"]] == [0]
+    assert [w["coder_processes"] for w in _summary(tmp_path / "pooled")["run"]["workers"]] == [1]
+
+    def streams(out: Path) -> dict:
+        rows = [r for p in sorted(out.glob("**/*.parquet")) for r in pq.read_table(p).to_pylist()]
+        return {r["key"]: r["bitstream"] for r in rows}
+
+    assert streams(tmp_path / "pooled") == streams(tmp_path / "inline") != {}
+    for name, extra in (("dec-inline", ()), ("dec-pooled", ("--coder-processes", "1"))):
+        assert main(["decode", "--archive", str(tmp_path / "pooled"), "--output", str(tmp_path / name), "--format", "folder",
+                     "--model", str(tiny_model_dir), "--actors", "1", "--steps", "1", "-q", *extra]) == 0
+    decoded = {p.name: p.read_bytes() for p in sorted((tmp_path / "dec-inline").glob("**/*.png"))}
+    assert decoded and decoded == {p.name: p.read_bytes() for p in sorted((tmp_path / "dec-pooled").glob("**/*.png"))}
+
+
+def test_coder_processes_below_zero_is_one_line(tiny_model_dir, tmp_path, capsys):
+    assert _compress(str(tmp_path / "in"), tmp_path / "out", tiny_model_dir, "--coder-processes", "-1") == 2
+    err = capsys.readouterr().err
+    assert "--coder-processes must be at least 0" in err and err.count("\n") == 1

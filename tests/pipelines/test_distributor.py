@@ -20,3 +20,20 @@ def test_a_unit_queued_behind_a_crashing_one_is_not_charged(ray_cluster, tiny_mo
     result = run_tasks("compress", spec, tasks, num_actors=1, max_retries=1, progress=False)
     assert [(f["shard_id"], f["attempts"]) for f in result.failed] == [("shard-000000", 2)]
     assert [(s.shard_id, s.attempt, s.ok) for s in result.stats] == [("shard-000001", 0, 2)]
+
+
+@pytest.mark.parametrize("device, cluster, asked, expected", [
+    ("auto", {"CPU": 16, "GPU": 2}, None, (2, 1, 7)),  # a GPU node: the CPUs beside each GPU's model thread code
+    ("cuda", {"CPU": 64, "GPU": 4}, None, (4, 1, 8)),  # at most 8
+    ("auto", {"CPU": 2, "GPU": 2}, None, (2, 1, 0)),  # no CPU to spare: coding inline
+    ("cuda", {"CPU": 8}, None, (1, 1, 7)),  # no GPU node yet (an autoscaler adds one)
+    ("auto", {"CPU": 8}, None, (1, 0, 0)),  # CPU workers code in the model's thread
+    ("cpu", {"CPU": 8, "GPU": 1}, 2, (1, 0, 2)),  # asked for: one more CPU each
+])
+def test_actors_ask_for_a_cpu_per_coder_process(monkeypatch, device, cluster, asked, expected):
+    from pipelines import distributor
+
+    monkeypatch.setattr(distributor.ray, "cluster_resources", lambda: cluster)
+    count, options, coders = distributor.actor_resources(device, None, asked)
+    gpus, processes = expected[1], expected[2]
+    assert (count, options, coders) == (expected[0], {"num_gpus": gpus, "num_cpus": 1 + processes}, processes)
