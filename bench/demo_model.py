@@ -4,7 +4,7 @@ For each image: RDEIC's bpp (whole bitstream, header included), PSNR and MS-SSIM
 JPEG and WebP at the quality whose bpp is closest to RDEIC's (their lowest quality when
 they cannot go that low, which is the usual case at these rates).
 
-    python bench/demo_model.py --model models/rdeic-tiny-demo --eval out/demo-data/eval [--save-dir out/demo-eval]
+    python bench/demo_model.py --model rdeic/models/rdeic-tiny-demo --eval out/demo-data/eval [--save-dir out/demo-eval]
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def pillow_at_bpp(image: np.ndarray, fmt: str, target_bpp: float) -> tuple[int, 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="models/rdeic-tiny-demo")
+    p.add_argument("--model", default="rdeic/models/rdeic-tiny-demo")
     p.add_argument("--eval", default="out/demo-data/eval", help="folder of held-out images (.png/.jpg or .npy)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--save-dir", help="write the decoded images here")

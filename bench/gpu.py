@@ -6,7 +6,7 @@ one training step of stage 1, stage 2 and the denoiser.
     python bench/gpu.py --model DIR               # a model directory (e.g. a converted sd21)
     python bench/gpu.py --device cpu --size 64 --batches 1 --dtypes float32 --repeats 1   # smoke check
 
---model: a model directory (default: the bundled ``models/rdeic-tiny-demo``) or a preset name, built
+--model: a model directory (default: the bundled ``rdeic/models/rdeic-tiny-demo``) or a preset name, built
 with random weights (speed does not depend on the values). bfloat16 runs the VAE, UNet and
 control module in bfloat16; the compression module and its entropy coding stay in float32/float64
 (see docs/codec.md), so bitstreams are identical. Peak memory is the most the device's allocator
@@ -147,7 +147,7 @@ def _ints(text: str) -> list[int]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=str(ROOT / "models" / "rdeic-tiny-demo"), help="model directory or preset name")
+    p.add_argument("--model", default=str(ROOT / "rdeic" / "models" / "rdeic-tiny-demo"), help="model directory or preset name")
     p.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu")
     p.add_argument("--size", type=int, default=512, help="image side (and the largest training crop)")
     p.add_argument("--batches", type=_ints, default=[1, 8], help="codec batch sizes, comma-separated")

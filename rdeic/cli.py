@@ -24,10 +24,10 @@ DEFAULT_MODEL_ENV = "RDEIC_MODEL"
 
 
 def default_model() -> str | None:
-    """$RDEIC_MODEL, else the demo model bundled with the package, if present."""
+    """$RDEIC_MODEL, else the demo model shipped inside the package (rdeic/models/rdeic-tiny-demo), if present."""
     if os.environ.get(DEFAULT_MODEL_ENV):
         return os.environ[DEFAULT_MODEL_ENV]
-    bundled = Path(__file__).resolve().parent.parent / "models" / "rdeic-tiny-demo"
+    bundled = Path(__file__).resolve().parent / "models" / "rdeic-tiny-demo"
     return str(bundled) if (bundled / "config.json").is_file() else None
 
 

@@ -23,7 +23,7 @@ from rdeic.weights import TABLES_FILE, WEIGHTS_FILE, init_model, load_model, mod
 from tests.helpers import random_image
 
 ID_FILE = "model_id.json"
-DEMO = Path(__file__).resolve().parents[2] / "models" / "rdeic-tiny-demo"
+DEMO = Path(__file__).resolve().parents[2] / "rdeic" / "models" / "rdeic-tiny-demo"
 _ST_DTYPES = {torch.float16: "F16", torch.float32: "F32", torch.float64: "F64", torch.int64: "I64",
               torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
 

@@ -22,7 +22,7 @@ from rdeic.modeldir import compute_model_id, read_config, write_id_file
 from rdeic.weights import TABLES_FILE, init_model, load_model
 from tests.helpers import random_image
 
-DEMO = Path(__file__).resolve().parents[2] / "models" / "rdeic-tiny-demo"
+DEMO = Path(__file__).resolve().parents[2] / "rdeic" / "models" / "rdeic-tiny-demo"
 
 
 def _set(key: str, index, value):

@@ -4,7 +4,7 @@ Training shards: scikit-image's colour photos and grey textures. Held out (never
 scikit-image's ``chelsea`` and ``coffee`` and matplotlib's ``grace_hopper``; they become the
 evaluation set and the README's example shards.
 
-    python models/rdeic-tiny-demo/recipe/prepare_data.py --out out/demo-data --examples examples/shards
+    python rdeic/models/rdeic-tiny-demo/recipe/prepare_data.py --out out/demo-data --examples examples/shards
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Copy a trained model into the repository, stored in float16 to keep it a few MB.
 
-    python models/rdeic-tiny-demo/recipe/export.py out/demo-train/stage2/final models/rdeic-tiny-demo
+    python rdeic/models/rdeic-tiny-demo/recipe/export.py out/demo-train/stage2/final rdeic/models/rdeic-tiny-demo
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[4]))
 
 from rdeic.weights import load_model, save_model  # noqa: E402
 

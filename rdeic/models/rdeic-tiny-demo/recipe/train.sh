@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Reproduces rdeic/models/rdeic-tiny-demo from photographs installed with scikit-image and matplotlib.
+# Run from the repository root in the project's environment with the demo extra (scikit-image):
+#   pip install -c requirements.lock -e ".[demo]" && bash rdeic/models/rdeic-tiny-demo/recipe/train.sh
+set -euo pipefail
+recipe=rdeic/models/rdeic-tiny-demo/recipe
+python "$recipe/prepare_data.py" --out out/demo-data --examples examples/shards
+for stage in vae vae_refine denoiser stage1 stage2; do
+  rdeic train --config "$recipe/$stage.yaml"
+done
+python "$recipe/export.py" out/demo-train/stage2/final rdeic/models/rdeic-tiny-demo
+python bench/demo_model.py --model rdeic/models/rdeic-tiny-demo --eval out/demo-data/eval
