@@ -16,7 +16,17 @@ the sd21 size (320 channels: 327,680 symbols).
 Per image: encode and decode milliseconds (median of ``--repeat``), the bytes, and the speed-up of
 coding two images in two threads (about 1: the coder holds the GIL) and in two processes.
 
-Run: ``python bench/throughput.py [--name rdeic-2-step2] [--coders] [--repeat 5]``; prints Markdown tables.
+``--simulate`` runs one actor's coding schedule (``rdeic.coders``: the codec's own
+``run_pipelined`` for encode and ``run_lockstep`` for decode, two batches in flight) against a
+stand-in for the device: it holds each batch of ``--batch`` images for the FLOP floor of an H100
+(sleeping, the GIL released; encode ``--encode-floor-ms`` per image, decode ``--decode-floor-ms``,
+of which ``--loop-share`` falls between the checkerboard loop's 2 × 10 chunks and the rest after
+it), with the sd21-size symbols above and real compressai coding, inline and in 1 and 2 coder
+processes. It prints images/s, their ratio to the stand-in's own rate, and to the goal
+min(device rate, processes × one process's coding rate), that rate measured in the same run.
+
+Run: ``python bench/throughput.py [--name rdeic-2-step2] [--coders] [--simulate] [--repeat 5]``;
+prints Markdown tables.
 """
 
 from __future__ import annotations
@@ -53,36 +63,21 @@ def symbols(n: int):
     import tarfile
 
     import numpy as np
+    import torch
     from PIL import Image
 
-    import rdeic.compression
     from rdeic.cli import default_model
     from rdeic.codec import Codec
 
     with tarfile.open(Path(__file__).resolve().parent.parent / "examples" / "shards" / "photos-000000.tar") as tar:
         member = next(m for m in tar.getmembers() if m.name.endswith((".jpg", ".png")))
         photo = np.asarray(Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB"))[:512, :512]
-    real = rdeic.compression.BufferedRansEncoder
-    seen = []
-
-    class Recording:  # the codec's own call, recorded
-        def __init__(self):
-            self.inner = real()
-
-        def encode_with_indexes(self, sym, idx, *tables):
-            seen.append((np.array(sym, np.int32), np.array(idx, np.int32), tables))
-            return self.inner.encode_with_indexes(sym, idx, *tables)
-
-        def flush(self):
-            return self.inner.flush()
-
     codec = Codec.load(default_model())
-    rdeic.compression.BufferedRansEncoder = Recording
-    try:
-        codec.compress([photo])
-    finally:
-        rdeic.compression.BufferedRansEncoder = real
-    sym, idx, tables = seen[0]
+    x = codec._to_tensor(photo, 512, 512)[None]
+    with torch.no_grad(), codec._numerics():
+        feat, _ = codec.model.vae_features(x)
+        latent = codec.model.compression.analyse(feat.float())[0]  # the codec's own model side
+    sym, idx, tables = latent.symbols, latent.indexes, codec.model.compression.cdf_tables()
     reps = -(-n // len(sym))
     scales = codec.model.compression.gaussian_conditional.scale_table.double().numpy()
     return np.tile(sym, reps)[:n], np.tile(idx, reps)[:n], scales, tables
@@ -183,11 +178,92 @@ def coders(repeat: int) -> None:
             print(f"| {name} | {label}: {n:,} | {enc:.1f} | {dec:.1f} | {size:,} | {threads:.2f} | {processes:.2f} |")
 
 
+CHUNKS = 20  # the sd21 preset's 10 slices × (anchor, non-anchor): one coder round trip each
+
+
+def simulate(args) -> None:
+    import time
+
+    import numpy as np
+
+    from rdeic.coders import InlineCoder, make_coder, run_lockstep, run_pipelined
+
+    n = 32 * 32 * 320
+    sym, idx, _, tables = symbols(n)
+    chunks = np.array_split(idx, CHUNKS)
+    data = InlineCoder(tables).encode([(sym, idx)]).result()[0]
+    batch, count = args.batch, args.batches
+    enc_floor, dec_floor = args.encode_floor_ms / 1000, args.decode_floor_ms / 1000
+    loop_step = dec_floor * args.loop_share / CHUNKS
+
+    def one_encode() -> None:
+        InlineCoder(tables).encode([(sym, idx)]).result()
+
+    def one_decode() -> None:
+        session = InlineCoder(tables).open([data])
+        for chunk in chunks:
+            session.decode([chunk]).result()
+
+    per_process = {"encode": 1000 / _median_ms(one_encode, args.repeat), "decode": 1000 / _median_ms(one_decode, args.repeat)}
+
+    def encode_run(coder) -> float:
+        def analyse(_):
+            time.sleep(batch * enc_floor)  # the device
+            return [(sym, idx)] * batch, None
+
+        t0 = time.perf_counter()
+        run_pipelined(range(count), analyse, coder, lambda *_: None)
+        return batch * count / (time.perf_counter() - t0)
+
+    def steps():
+        for chunk in chunks:
+            time.sleep(batch * loop_step)
+            values = yield [chunk] * batch
+            assert len(values) == batch
+        return None
+
+    def decode_run(coder) -> float:
+        def done(_):
+            time.sleep(batch * dec_floor * (1 - args.loop_share))  # diffusion and the VAE decoder
+
+        t0 = time.perf_counter()
+        run_lockstep((([data] * batch, steps(), done) for _ in range(count)), coder)
+        return batch * count / (time.perf_counter() - t0)
+
+    device = {"encode": 1 / enc_floor, "decode": 1 / dec_floor}
+    print(f"\nOne actor against a stand-in device; {count} batches of {batch} sd21-size images ({n:,} y symbols each); "
+          f"encode floor {args.encode_floor_ms} ms/image, decode floor {args.decode_floor_ms} ms/image "
+          f"({args.loop_share:.0%} between the {CHUNKS} coder round trips); one process codes "
+          f"{per_process['encode']:.1f} encodes/s, {per_process['decode']:.1f} decodes/s (median of {args.repeat})\n")
+    print("| direction | coder processes | images/s | ÷ stand-in rate | goal: min(device, processes × one) | ÷ goal |")
+    print("|---|---|---|---|---|---|")
+    for direction, run in (("encode", encode_run), ("decode", decode_run)):
+        for processes in (0, 1, 2):
+            coder = make_coder(tables, processes)
+            try:
+                run(coder) if processes else None  # start the processes and warm them up
+                rates = [run(coder) for _ in range(args.rounds)]
+            finally:
+                coder.close()
+            goal = min(device[direction], max(processes, 1) * per_process[direction])
+            label = "inline (in the model's thread)" if processes == 0 else str(processes)
+            lo, hi = min(rates), max(rates)
+            print(f"| {direction} | {label} | {lo:.1f}–{hi:.1f} | {lo / device[direction]:.3f}–{hi / device[direction]:.3f} "
+                  f"| {goal:.1f} | {lo / goal:.2f}–{hi / goal:.2f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--name", default="rdeic-2-step2", help="model name carried by version 1 streams")
     p.add_argument("--coders", action="store_true", help="also time the entropy coders (needs constriction)")
     p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--simulate", action="store_true", help="one actor's coding against a stand-in device")
+    p.add_argument("--batch", type=int, default=8, help="images per batch of the stand-in (default 8)")
+    p.add_argument("--batches", type=int, default=30, help="batches per measured run (default 30)")
+    p.add_argument("--rounds", type=int, default=3, help="measured runs per setting; the table gives their range")
+    p.add_argument("--encode-floor-ms", type=float, default=1.4, help="H100 FLOP floor of one 512² encode")
+    p.add_argument("--decode-floor-ms", type=float, default=4.9, help="H100 FLOP floor of one RDEIC-2 decode")
+    p.add_argument("--loop-share", type=float, default=0.1, help="share of the decode floor inside the entropy loop")
     args = p.parse_args()
     print(f"\n`bench/throughput.py`: container bytes around the payload; version 1 with the model name {args.name!r} "
           f"({len(args.name)} bytes), the default seed (the symbols CRC), {INDEX_BITS}-bit hyper indices\n")
@@ -200,6 +276,8 @@ def main() -> None:
             print(f"| {width}×{height} | {bpp} | {total2} | {c1} B | {100 * c1 / total1:.1f} % | {c2} B | {100 * c2 / total2:.1f} % |")
     if args.coders:
         coders(args.repeat)
+    if args.simulate:
+        simulate(args)
 
 
 if __name__ == "__main__":

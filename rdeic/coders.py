@@ -24,6 +24,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import weakref
 from collections import deque
 from multiprocessing.connection import Connection
@@ -164,6 +165,11 @@ class _Worker:
         env = dict(os.environ)
         root = str(Path(__file__).resolve().parent.parent)  # this rdeic, wherever it was imported from
         env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        # Every call makes and frees lists of a few MB; glibc's defaults hand such blocks back to the
+        # kernel each time and fault them in again: a fresh coder process coded 40% slower than the
+        # model's process, whose allocator earlier large blocks had tuned (bench/throughput.py).
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(64 << 20))
+        env.setdefault("MALLOC_TRIM_THRESHOLD_", str(256 << 20))
         try:
             self.process = subprocess.Popen([sys.executable, "-m", "rdeic.coders", str(theirs.fileno())],
                                             pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL)
@@ -172,7 +178,25 @@ class _Worker:
         self.name = f"rdeic-coder-{number}"
         self.conn = Connection(ours.detach())
         self.replies: dict[int, tuple[str, object]] = {}
+        # Replies are read as they arrive, on a thread of their own: with the caller only reading when it
+        # wants a result, a large request and a large reply could each wait for the other's buffer to drain.
+        self._arrived = threading.Condition()
+        self._lost: BaseException | None = None
+        self._reader = threading.Thread(target=self._read, name=f"{self.name}-replies", daemon=True)
+        self._reader.start()
         self.send(("tables", -1, tables))
+
+    def _read(self) -> None:
+        try:
+            while True:
+                status, got, payload = self.conn.recv()
+                with self._arrived:
+                    self.replies[got] = (status, payload)
+                    self._arrived.notify_all()
+        except (EOFError, OSError) as exc:
+            with self._arrived:
+                self._lost = exc
+                self._arrived.notify_all()
 
     def send(self, message) -> None:
         try:
@@ -181,13 +205,13 @@ class _Worker:
             raise CoderError(self._gone(exc)) from None
 
     def reply(self, rid: int):
-        while rid not in self.replies:
-            try:
-                status, got, payload = self.conn.recv()
-            except (EOFError, OSError) as exc:
-                raise CoderError(self._gone(exc)) from None
-            self.replies[got] = (status, payload)
-        status, payload = self.replies.pop(rid)
+        with self._arrived:
+            while rid not in self.replies and self._lost is None:
+                self._arrived.wait()
+            found = self.replies.pop(rid, None)
+        if found is None:
+            raise CoderError(self._gone(self._lost))
+        status, payload = found
         if status != "ok":
             raise CoderError(f"coder process {self.name} (pid {self.process.pid}) failed: {payload}")
         return payload
@@ -206,16 +230,17 @@ class _Worker:
                 self.conn.send(None)
             except (OSError, ValueError):
                 pass
-        self.conn.close()  # and the process sees the end of its input
         for stop in (None, self.process.terminate, self.process.kill):
             if stop is not None:
                 stop()
             try:
                 self.process.wait(timeout=wait if stop is None else 5.0)
-                return
+                break
             except subprocess.TimeoutExpired:
                 continue
         self.process.wait()
+        self._reader.join(timeout=5.0)  # the process's end of the socket is closed: the reader sees EOF
+        self.conn.close()
 
 
 def _stop_all(workers: list[_Worker]) -> None:

@@ -71,7 +71,7 @@ class LatentSymbols:
 
     hyper_indices: np.ndarray  # (h/64, w/64) codebook indices
     symbols: np.ndarray  # y symbols, int32, coding order
-    indexes: np.ndarray  # their CDF rows, int32
+    indexes: np.ndarray  # their CDF rows (uint8 for tables of up to 256 rows)
     y_shape: tuple[int, int]
     symbols_crc: int
 
@@ -266,12 +266,19 @@ class LatentCompression(nn.Module):
         if self._cdf_lists is None:
             check_entropy_tables(self.entropy_tables(), self.config)  # whatever set them, the coder trusts them
             gc = self.gaussian_conditional
+            lengths = gc._cdf_length.reshape(-1).int().tolist()
+            # Each row cut to its own length: the coder reads no further, and it converts every row it
+            # is given on every call, 7× more numbers for rows padded to the widest (sd21: 64 × 3133).
             self._cdf_lists = (
-                gc._quantized_cdf.tolist(),
-                gc._cdf_length.reshape(-1).int().tolist(),
+                [row[:n] for row, n in zip(gc._quantized_cdf.tolist(), lengths)],
+                lengths,
                 gc._offset.reshape(-1).int().tolist(),
             )
         return self._cdf_lists
+
+    def _index_dtype(self) -> torch.dtype:
+        """CDF rows as the coders are sent them: one byte each for the usual 64-row table."""
+        return torch.uint8 if self.config.scale_levels <= 256 else torch.int32
 
     # ------------------------------------------------- coding-precision copies
     def _coding_modules(self) -> nn.ModuleDict:
@@ -369,7 +376,7 @@ class LatentCompression(nn.Module):
             sym = torch.round(v - m)
             _check_symbols(sym)
             symbols.append(sym.flatten(1).to(torch.int32))
-            cdf_idx.append(gc.build_indexes(s).flatten(1).to(torch.int32))
+            cdf_idx.append(gc.build_indexes(s).flatten(1).to(self._index_dtype()))
             return ckbd.unsqueeze(sym + m, anchor)
 
         for i, (a, b) in enumerate(self._slice_bounds()):
@@ -425,7 +432,7 @@ class LatentCompression(nn.Module):
                         local = ctxm["local"][i](anchor_hat)
                         s, m = ctxm["nonanchor"][i](torch.cat([local] + ctx + [hyper], dim=1)).chunk(2, 1)
                     s, m = ckbd.squeeze(s, anchor), ckbd.squeeze(m, anchor)
-                    idx = gc.build_indexes(s).flatten(1).to(torch.int32).cpu().numpy()
+                    idx = gc.build_indexes(s).flatten(1).to(self._index_dtype()).cpu().numpy()
                 values = yield [np.ascontiguousarray(row) for row in idx]
                 for n, vals in enumerate(values):
                     crcs[n] = zlib.crc32(vals.astype("<i4").tobytes(), crcs[n])

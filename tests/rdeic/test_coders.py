@@ -68,6 +68,25 @@ def test_a_version_1_fixture_decodes_bit_exactly_through_the_pool():
         assert np.array_equal(codec.decompress([data], steps=2)[0], expected)
 
 
+@pytest.mark.parametrize("case", ["photo", "every_row"])
+def test_the_coder_writes_and_reads_the_bytes_the_coder_of_before_wrote(case):
+    """tests/fixtures/coder: symbols and the bytes written for them before the coder changed (see its README)."""
+    from rdeic.cli import default_model
+    from rdeic.coders import encode_one
+
+    fixture = np.load(Path(__file__).resolve().parent.parent / "fixtures" / "coder" / "demo-tables.npz")
+    sym, idx, y = fixture[f"{case}_symbols"], fixture[f"{case}_indexes"], fixture[f"{case}_y"].tobytes()
+    tables = Codec.load(default_model()).model.compression.cdf_tables()
+    assert encode_one(sym, idx, tables) == y
+    for coder in (InlineCoder(tables), CoderPool(tables, 1)):
+        try:
+            session = coder.open([y])
+            got = [session.decode([chunk]).result()[0] for chunk in np.array_split(idx, 20)]
+        finally:
+            coder.close()
+        assert np.array_equal(np.concatenate(got), sym)
+
+
 def test_a_damaged_stream_is_reported_through_the_pool_as_inline(tiny_codec, pooled, rng):
     from rdeic import bitstream as bs
 
