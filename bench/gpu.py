@@ -7,9 +7,9 @@ one training step of stage 1, stage 2 and the denoiser.
     python bench/gpu.py --device cpu --size 64 --batches 1 --dtypes float32 --repeats 1   # smoke check
 
 --model: a model directory (default: the bundled ``rdeic/models/rdeic-tiny-demo``) or a preset name, built
-with random weights (speed does not depend on the values). bfloat16 runs the VAE, UNet and
-control module in bfloat16; the compression module and its entropy coding stay in float32/float64
-(see docs/codec.md), so bitstreams are identical. Peak memory is the most the device's allocator
+with random weights (speed does not depend on the values). bfloat16 runs the UNet, control module
+and VAE decoder in bfloat16; the encoder side (VAE encoder, compression module) stays float32 and
+the entropy parameters float64 (see docs/codec.md), so both dtypes write the same bitstreams. Peak memory is the most the device's allocator
 held during the run, weights included (CUDA only). Training steps run in float32 on a fresh copy
 of the model per stage, crops of the stage's default size (at most --size), without the
 perceptual term (LPIPS needs AlexNet weights); the median of --repeats steps after one warm-up.

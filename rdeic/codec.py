@@ -162,7 +162,7 @@ class Codec:
             ph, pw = bs.padded(images[batch[0]].shape[0]), bs.padded(images[batch[0]].shape[1])
             x = torch.stack([self._to_tensor(images[i], ph, pw) for i in batch]).to(self.device)
             with self._numerics():
-                feat, _ = self.model.vae_features(x.to(self.model.dtype))
+                feat, _ = self.model.vae_features(x.to(self.model.encoder_dtype))
                 latents = self.model.compression.analyse(feat.float())
             return [(s.symbols, s.indexes) for s in latents], latents
 

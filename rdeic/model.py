@@ -44,10 +44,13 @@ class RDEIC(nn.Module):
         return self.unet.conv_in.weight.dtype
 
     def set_inference_dtype(self, dtype: torch.dtype) -> None:
-        """Run VAE, UNet and control in ``dtype``. The compression module stays float32 so that
-        its entropy parameters never depend on the runtime precision."""
-        for part in (self.vae, self.unet, self.control):
-            part.to(dtype=dtype)
+        """Run the decoder side (UNet, control, VAE decoder) in ``dtype``. The encoder side (VAE
+        encoder, compression module) stays float32, so that an image's bitstream does not depend on
+        the runtime precision; on a GPU that side is a small part of the work and the entropy coders
+        are the bottleneck anyway (docs/performance.md)."""
+        for part in (self.vae.decoder, self.vae.post_quant_conv, self.unet, self.control):
+            if part is not None:
+                part.to(dtype=dtype)
 
     def freeze_base(self) -> None:
         """SD stays frozen: only the control and compression modules train."""
@@ -55,6 +58,10 @@ class RDEIC(nn.Module):
         self.unet.requires_grad_(False)
 
     # --------------------------------------------------------------- VAE side
+    @property
+    def encoder_dtype(self) -> torch.dtype:
+        return self.vae.encoder.conv_in.weight.dtype
+
     def vae_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(compression input, latent moments) for images in [-1, 1].
 

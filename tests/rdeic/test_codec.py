@@ -241,3 +241,18 @@ def test_the_codec_imports_no_more_of_compressai_than_it_uses_and_compressai_sta
                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "False", "ans", "compressai.zoo", "ans"]
+
+
+def test_the_runtime_dtype_does_not_change_the_bitstream(rng):
+    """bfloat16 runs the decoder side (UNet, control, VAE decoder) in bfloat16; the encoder side (VAE
+    encoder, compression module) stays float32, so the same image gives the same bytes in either."""
+    import torch
+
+    from rdeic.cli import default_model
+
+    images = [random_image(rng, 64, 64) for _ in range(3)] + [random_image(rng, 96, 128)]
+    fp32 = Codec.load(default_model())
+    bf16 = Codec.load(default_model(), dtype=torch.bfloat16)
+    assert bf16.model.unet.conv_in.weight.dtype == torch.bfloat16
+    assert bf16.compress(images) == fp32.compress(images)
+    assert all(d.shape == im.shape for d, im in zip(bf16.decompress(fp32.compress(images[:1]), steps=1), images))
