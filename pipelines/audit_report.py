@@ -1,23 +1,22 @@
 """The audit's ``index.html``: one self-contained page for people to read (no scripts, no network).
 
-Figures are PNGs drawn with matplotlib's object API (no pyplot, so no global backend or figure
-registry is touched) and embedded as data URIs. Every string taken from the summary, the rows, the
+The page, its figures (matplotlib PNGs as data URIs) and its tables are built with
+rdeic/report_html.py, the one report writer (``rdeic eval`` uses it too). Every string taken from the summary, the rows, the
 crops or the history is HTML-escaped: keys and paths are whatever the archive's sources called them.
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import io
-import math
-import numbers
-
-import matplotlib
-from matplotlib.figure import Figure
-
+from rdeic import report_html
 from rdeic.metrics import LOWER_IS_BETTER as METRICS_LOWER_IS_BETTER
 from rdeic.metrics import PAIR_METRICS as PER_IMAGE_METRICS
+from rdeic.report_html import e as _e
+from rdeic.report_html import figs as _figs
+from rdeic.report_html import figure as _figure
+from rdeic.report_html import img as _img
+from rdeic.report_html import is_number as _is_number
+from rdeic.report_html import plot as _plot
+from rdeic.report_html import table as _table
 
 # The second bpp-vs-metric scatter shows the first of these that has values.
 PERCEPTUAL_METRICS = ("lpips", "dists", "ms_ssim", "ssim")
@@ -41,19 +40,9 @@ FINDINGS = (
     ("untracked", ("path", "reason")),
 )
 MAX_TABLE_ROWS = 50
-DPI = 80
-# Labels come from the input: a "$" must not switch matplotlib into mathtext (which can raise).
-_RC = {"text.parse_math": False, "font.size": 8, "axes.titlesize": 9, "legend.fontsize": 7}
-_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+# The page skeleton, CSP, style, escaping, tables and figure embedding are rdeic/report_html.py's.
 _CSS = """
-body{font:14px/1.45 sans-serif;color:#222;max-width:1150px;margin:1.5em auto;padding:0 1em}
-h2{border-bottom:1px solid #ddd;margin-top:1.6em}
-table{border-collapse:collapse;margin:.4em 0}
-th,td{border:1px solid #ccc;padding:2px 7px;text-align:left;vertical-align:top;overflow-wrap:anywhere}
-th{background:#f3f3f3} td.n{text-align:right;font-variant-numeric:tabular-nums}
-.fail{color:#b00020;font-weight:600} .pass{color:#1b6e2a} .muted{color:#666}
-.figs{display:flex;flex-wrap:wrap;gap:10px;align-items:flex-start}
-.crops{display:flex;gap:6px} figure{margin:0} figcaption{font-size:12px;color:#444}
+.crops{display:flex;gap:6px}
 img.crop{max-width:360px;image-rendering:pixelated} .nocrop{padding:1em;color:#666}
 """
 
@@ -62,7 +51,7 @@ def render(summary: dict, rows: list[dict], crops: dict, history: list[dict]) ->
     """The whole page; see the audit data contract (issue 10) for the shapes of the arguments."""
     baselines = list(summary.get("baselines") or (summary.get("settings") or {}).get("baselines") or [])
     unavailable = summary.get("unavailable") or {}
-    with matplotlib.rc_context(_RC):
+    with report_html.figure_context():
         sections = [
             _header(summary),
             _gate(summary.get("gate") or {}),
@@ -76,13 +65,7 @@ def render(summary: dict, rows: list[dict], crops: dict, history: list[dict]) ->
             _trend(summary, history),
             _versions(summary),
         ]
-    return (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">'
-        f"<title>RDEIC audit {_e(summary.get('run_id', ''))}</title><style>{_CSS}</style></head>\n<body>\n"
-        + "\n".join(sections)
-        + "\n</body></html>\n"
-    )
+    return report_html.page(f"RDEIC audit {summary.get('run_id', '')}", sections, _CSS)
 
 
 # --- sections ---------------------------------------------------------------------------------------
@@ -292,51 +275,9 @@ def _versions(summary: dict) -> str:
 # --- helpers ----------------------------------------------------------------------------------------
 
 
-def _e(value) -> str:
-    return html.escape(str(value))
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _fmt(value) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral):
-        return f"{value:.4g}"
-    return str(value)
-
-
-def _table(header, body) -> str:
-    head = "<tr>" + "".join(f"<th>{_e(h)}</th>" for h in header) + "</tr>" if header else ""
-    cells = ("".join(f'<td class="n">{_e(_fmt(v))}</td>' if _is_number(v) else f"<td>{_e(_fmt(v))}</td>" for v in row)
-             for row in body)
-    return f"<table>{head}" + "".join(f"<tr>{c}</tr>" for c in cells) + "</table>"
-
-
 def _values(rows: list[dict], column: str) -> list[float]:
     return [r[column] for r in rows if _is_number(r.get(column))]
 
 
 def _pairs(rows: list[dict], x: str, y: str) -> list[tuple[float, float]]:
     return [(r[x], r[y]) for r in rows if _is_number(r.get(x)) and _is_number(r.get(y))]
-
-
-def _figure(width: float = 4.0, height: float = 2.8):
-    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
-    return fig, fig.add_subplot()
-
-
-def _plot(fig: Figure, alt: str) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return _img(buf.getvalue(), alt, "plot")
-
-
-def _img(png: bytes, alt: str, cls: str) -> str:
-    return f'<img class="{cls}" alt="{_e(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
-
-
-def _figs(images: list[str]) -> str:
-    return f'<div class="figs">{"".join(images)}</div>' if images else ""

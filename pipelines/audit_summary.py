@@ -13,6 +13,7 @@ import math
 
 import numpy as np
 
+from rdeic import metrics as metrics_module
 from rdeic.metrics import MS_SSIM_MIN_SIDE, PAIR_METRICS
 
 from .audit import CROP_COLUMNS, OUTCOMES
@@ -34,12 +35,7 @@ def aggregate(values: list) -> dict:
 
 def pooled_psnr(rows: list[dict], prefix: str = "") -> float | None:
     """PSNR of the MSE pooled over every pixel of the images (CLIC's way; big images weigh more)."""
-    pairs = [(r[f"{prefix}mse"], r["width"] * r["height"]) for r in rows if r.get(f"{prefix}mse") is not None]
-    pixels = sum(p for _, p in pairs)
-    if not pixels:
-        return None
-    mse = sum(m * p for m, p in pairs) / pixels
-    return math.inf if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
+    return metrics_module.pooled_psnr((r.get(f"{prefix}mse"), r["width"] * r["height"]) for r in rows)
 
 
 def integrity(findings: list[dict], untracked: list[dict], bad_markers: dict[str, str]) -> dict:

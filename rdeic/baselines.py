@@ -11,12 +11,16 @@ Encoder settings are fixed so that a quality always gives the same bytes:
 - AVIF: quality 0..100, libaom via Pillow's plugin, ``speed=6``, 4:2:0, full range, one thread
   (libaom's output depends on the thread count: 11 704 vs 11 684 bytes for 1 and 2 threads).
 
+:class:`Sweep` gives a format's rate–distortion curve instead: fixed qualities over a set of images,
+chosen to cover a bpp interval (``rdeic eval``).
+
 No metadata (EXIF, ICC) is written; bpp = 8 · bytes / (width · height) counts every byte of the file.
 """
 
 from __future__ import annotations
 
 import io
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -138,6 +142,60 @@ class _Search:
         data = self.encoded[quality]
         return Baseline(format=self.fmt, quality=quality, bpp=8 * len(data) / self.pixels, num_bytes=len(data),
                         decoded=decode(data), at_floor=at_floor, at_ceiling=at_ceiling)
+
+
+class Sweep:
+    """One format at fixed qualities over a set of images, for rate–distortion curves (``rdeic eval``).
+
+    Each point of a classical codec's curve is one quality applied to every image (CompressAI's way);
+    :meth:`qualities` picks them to cover a bpp interval, by the images' mean bpp. Each encoding is
+    made once and kept with its encoding time.
+    """
+
+    def __init__(self, fmt: str, images: list[np.ndarray]) -> None:
+        check_format(fmt)
+        self.fmt, self.images = fmt, images
+        self.low, self.high = QUALITY_RANGE[fmt]
+        self.encoded: dict[int, list[tuple[bytes, float]]] = {}
+
+    def encodings(self, quality: int) -> list[tuple[bytes, float]]:
+        if quality not in self.encoded:
+            out = []
+            for image in self.images:
+                t0 = time.perf_counter()
+                out.append((encode(image, self.fmt, quality), time.perf_counter() - t0))
+            self.encoded[quality] = out
+        return self.encoded[quality]
+
+    def bpp(self, quality: int) -> float:
+        return float(np.mean([8 * len(data) / (im.shape[0] * im.shape[1])
+                              for (data, _), im in zip(self.encodings(quality), self.images)]))
+
+    def reaching(self, target: float) -> int:
+        """The lowest quality whose mean bpp is >= target (the highest quality if none is)."""
+        low, high = self.low, self.high
+        if self.bpp(high) < target:
+            return high
+        if self.bpp(low) >= target:
+            return low
+        while high - low > 1:  # bpp(low) < target <= bpp(high)
+            middle = (low + high) // 2
+            low, high = (low, middle) if self.bpp(middle) >= target else (middle, high)
+        return high
+
+    def qualities(self, interval: tuple[float, float], points: int) -> list[int]:
+        """For each of ``points`` rates evenly spaced in log-bpp over the interval, the lowest quality reaching it;
+        the quality just below the interval's low end; when that gives fewer than ``points`` qualities (the
+        interval is out of the format's reach), the next higher ones."""
+        targets = np.geomspace(interval[0], interval[1], points)
+        chosen = {self.reaching(float(t)) for t in targets}
+        first = min(chosen)
+        if first > self.low and self.bpp(first) > interval[0]:
+            chosen.add(first - 1)  # the quality just below the interval's low end, so the curve covers it
+        step = max(1, (self.high - self.low) // 20)
+        while len(chosen) < points and max(chosen) < self.high:  # out of reach: the nearest qualities instead
+            chosen.add(min(self.high, max(chosen) + step))
+        return sorted(chosen)
 
 
 def codec_versions() -> dict[str, str]:

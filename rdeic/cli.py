@@ -244,6 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
     mid.add_argument("model")
     mid.add_argument("--write", action="store_true", help="compute it from config.json and the tensors; store it in model_id.json")
     mid.set_defaults(func=cmd_model_id)
+
+    from .eval_cli import add_eval_parser  # rdeic eval: rdeic/eval_cli.py and rdeic/evaluate.py
+
+    add_eval_parser(sub, f"${DEFAULT_MODEL_ENV} or the bundled demo model")
     return p
 
 

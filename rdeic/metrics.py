@@ -112,6 +112,16 @@ def psnr_from_mse(value: float) -> float:
     return float("inf") if value == 0 else 10 * math.log10(255.0**2 / value)
 
 
+def pooled_psnr(pairs: Iterable[tuple[float, int]]) -> float | None:
+    """PSNR of the MSE pooled over every pixel of several images, from (mse, pixels) pairs (CLIC's way: big
+    images weigh more; CompressAI's ``psnr-rgb`` is instead the mean of per-image PSNRs). None without pixels."""
+    pairs = [(m, p) for m, p in pairs if m is not None]
+    pixels = sum(p for _, p in pairs)
+    if not pixels:
+        return None
+    return psnr_from_mse(sum(m * p for m, p in pairs) / pixels)
+
+
 def ssim(a, b) -> float:
     """SSIM (11×11 Gaussian window, σ 1.5, data range 1) on the RGB channels, averaged.
 

@@ -97,3 +97,21 @@ def test_unknown_and_unavailable_formats(monkeypatch):
 def test_codec_versions_are_recorded():
     found = baselines.codec_versions()
     assert set(found) >= set(baselines.FORMATS) and all(found[fmt] != "unavailable" for fmt in baselines.FORMATS)
+
+
+@pytest.mark.parametrize("fmt", ("jpeg", "webp"))
+def test_a_sweep_covers_the_interval_with_fixed_qualities(fmt):
+    images = [photo_like(seed=0), photo_like(80, 96, seed=1)]
+    sweep = baselines.Sweep(fmt, images)
+    low, high = sweep.bpp(30), sweep.bpp(80)
+    qualities = sweep.qualities((low * 1.05, high), 5)
+    rates = [sweep.bpp(q) for q in qualities]
+    assert len(qualities) >= 5 and rates == sorted(rates)
+    assert rates[0] < low * 1.05 and rates[-1] >= high  # the interval is covered at both ends
+    assert all(len(sweep.encodings(q)) == 2 for q in qualities)
+
+
+def test_a_sweep_out_of_reach_gives_the_lowest_qualities():
+    sweep = baselines.Sweep("jpeg", [photo_like()])
+    qualities = sweep.qualities((0.0001, 0.0004), 4)  # far below JPEG's floor
+    assert qualities[0] == 1 and len(qualities) == 4

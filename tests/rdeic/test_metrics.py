@@ -268,3 +268,11 @@ def test_versions_of_the_metric_libraries():
     found = metrics.versions()
     assert {"torch", "torchvision", "torchmetrics", "torch-fidelity", "lpips", "pytorch-msssim", "pillow", "numpy"} <= set(found)
     assert found["torchmetrics"] == "1.9.0" and found["pytorch-msssim"] == "1.0.0"
+
+
+def test_pooled_psnr_weighs_images_by_their_pixels():
+    from rdeic.metrics import pooled_psnr, psnr_from_mse
+
+    assert pooled_psnr([(10.0, 100), (40.0, 300)]) == pytest.approx(psnr_from_mse((10 * 100 + 40 * 300) / 400))
+    assert pooled_psnr([(None, 100)]) is None and pooled_psnr([]) is None
+    assert pooled_psnr([(0.0, 10)]) == float("inf")

@@ -80,7 +80,7 @@ def main() -> None:
     write_shard(out / "val" / "val-000000.tar", held)
     (out / "eval").mkdir(parents=True, exist_ok=True)
     for key, data, _, _ in held:
-        np.save(out / "eval" / f"{key}.npy", np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+        Image.open(io.BytesIO(data)).convert("RGB").save(out / "eval" / f"{key}.png")  # lossless, for rdeic eval
     examples = Path(args.examples)
     write_shard(examples / "photos-000000.tar", held[:2])
     write_shard(examples / "photos-000001.tar", held[2:])

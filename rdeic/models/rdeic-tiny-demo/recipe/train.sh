@@ -9,4 +9,4 @@ for stage in vae vae_refine denoiser stage1 stage2; do
   rdeic train --config "$recipe/$stage.yaml"
 done
 python "$recipe/export.py" out/demo-train/stage2/final rdeic/models/rdeic-tiny-demo
-python bench/demo_model.py --model rdeic/models/rdeic-tiny-demo --eval out/demo-data/eval
+rdeic eval --images out/demo-data/eval --model rdeic/models/rdeic-tiny-demo --baselines jpeg,webp,avif --out out/demo-eval
