@@ -34,10 +34,10 @@ from . import baselines as bl
 from .images import open_image, to_rgb
 from .metrics import DISTRIBUTION_METRICS, MetricSuite, fid_kid, pooled_psnr
 from .metrics import versions as metric_versions
+from .shards import IMAGE_EXTENSIONS
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".ppm", ".pgm")
 # CompressAI's names for our per-image metrics (the others keep their names).
 RESULT_NAMES = {"psnr": "psnr-rgb", "ssim": "ssim-rgb", "ms_ssim": "ms-ssim-rgb"}
 FORMAT, FORMAT_VERSION = "rdeic-eval", 1
@@ -80,9 +80,9 @@ def load_images(source: str, max_pixels: int | None = None) -> dict[str, np.ndar
     if not fs.isdir(root):
         raise ValueError(f"--images: {source!r} is not a folder")
     root = root.rstrip("/")
-    paths = sorted(p for p in fs.find(root) if Path(p).suffix.lower() in IMAGE_SUFFIXES)
+    paths = sorted(p for p in fs.find(root) if Path(p).suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
     if not paths:
-        raise ValueError(f"--images: no image files ({', '.join(IMAGE_SUFFIXES)}) under {source!r}")
+        raise ValueError(f"--images: no image files ({', '.join(IMAGE_EXTENSIONS)}) under {source!r}")
     out = {}
     for path in paths:
         name = path[len(root):].lstrip("/")
