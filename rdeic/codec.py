@@ -270,15 +270,18 @@ class Codec:
             streams = [s for _, s in batch]
             codes = [self._latent_code(s) for s in streams]
 
-            def done(latents: DecodedLatents) -> None:
-                with self._numerics():
+            def done(latents: DecodedLatents) -> None:  # maybe on another thread: grad mode is per thread
+                with torch.no_grad(), self._numerics():
                     images = self._diffuse(streams, latents, steps, float(detail))
                 for (i, _), image in zip(batch, images):
                     results[i] = image
 
             return [c.y_string for c in codes], self._numerics_steps(self.model.compression.decode_steps(codes)), done
 
-        run_lockstep((job(b) for b in self._accepted_batches(bitstreams, max_pixels, results)), self.coder())
+        # Diffusion on a thread of its own only on an accelerator: on CPU it shares the cores anyway, and
+        # torch's intra-op thread setting (one thread, see _numerics) is not per thread for every backend.
+        run_lockstep((job(b) for b in self._accepted_batches(bitstreams, max_pixels, results)), self.coder(),
+                     finish_in_thread=self.device.type != "cpu")
         return results
 
     @torch.no_grad()

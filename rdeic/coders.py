@@ -27,6 +27,8 @@ import sys
 import threading
 import weakref
 from collections import deque
+from contextlib import suppress
+from concurrent.futures import Future, ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Callable, Generator, Iterable, Sequence
@@ -52,15 +54,33 @@ def _ans():
     return entropy.BufferedRansEncoder, entropy.RansDecoder
 
 
+def _used_rows(indexes: np.ndarray, tables: Tables) -> tuple[list, Tables]:
+    """The indexes renumbered over only the rows they use, and those rows.
+
+    compressai converts every row it is given on every call, and the wide rows (large scales) are
+    the rarely used ones: a chunk of symbols typically needs a third of the rows and a tenth of the
+    numbers. A symbol is coded with its own row alone, so the bytes are the same.
+    """
+    used = np.flatnonzero(np.bincount(indexes, minlength=len(tables[1])))
+    if len(used) == len(tables[1]):
+        return indexes.tolist(), tables
+    renumber = np.zeros(len(tables[1]), dtype=np.int32)
+    renumber[used] = np.arange(len(used), dtype=np.int32)
+    rows = used.tolist()
+    return renumber[indexes].tolist(), tuple([column[r] for r in rows] for column in tables)  # type: ignore[return-value]
+
+
 def encode_one(symbols: np.ndarray, indexes: np.ndarray, tables: Tables) -> bytes:
     encoder_class, _ = _ans()
     encoder = encoder_class()
-    encoder.encode_with_indexes(symbols.tolist(), indexes.tolist(), *tables)
+    rows, used = _used_rows(indexes, tables)
+    encoder.encode_with_indexes(symbols.tolist(), rows, *used)
     return encoder.flush()
 
 
 def _decode_chunk(decoder, indexes: np.ndarray, tables: Tables) -> np.ndarray:
-    return np.asarray(decoder.decode_stream(indexes.tolist(), *tables), dtype=np.int32)
+    rows, used = _used_rows(indexes, tables)
+    return np.asarray(decoder.decode_stream(rows, *used), dtype=np.int32)
 
 
 class _Done:
@@ -399,13 +419,30 @@ def run_pipelined(batches: Iterable, analyse: Callable, coder, finish: Callable,
         raise
 
 
-def run_lockstep(jobs: Iterable[tuple[Sequence[bytes], DecodeSteps, Callable]], coder, in_flight: int = 2) -> None:
+def run_lockstep(jobs: Iterable[tuple[Sequence[bytes], DecodeSteps, Callable]], coder, in_flight: int = 2,
+                 finish_in_thread: bool = False) -> None:
     """Decode: each job is ``(streams, steps, done)``: the images' y streams, the model-side generator
     (see ``DecodeSteps``) and ``done(result)``, called when the generator returns (the rest of the
-    device work, which then overlaps the other jobs' coding). Up to ``in_flight`` jobs advance in
-    turn, so the model computes one job's next chunk while the coder decodes another's."""
+    device work). Up to ``in_flight`` jobs advance in turn, so the model computes one job's next
+    chunk while the coder decodes another's.
+
+    ``finish_in_thread`` (with coder processes): ``done`` runs on a thread of its own, one job at a
+    time and in order, since a job's diffusion takes as long as many chunks of coding and, run here,
+    would leave the coders without requests meanwhile (a fifth of their time in
+    bench/throughput.py --simulate). ``done`` must then set up its own per-thread state (grad mode).
+    """
     queue = iter(jobs)
     active: deque = deque()
+    finishing: deque[Future] = deque()
+    finisher = ThreadPoolExecutor(1, thread_name_prefix="rdeic-finish") if finish_in_thread and coder.processes else None
+
+    def finish(done: Callable, value) -> None:
+        if finisher is None:
+            done(value)
+            return
+        finishing.append(finisher.submit(done, value))
+        while len(finishing) > 1:  # one running, one waiting: memory stays bounded
+            finishing.popleft().result()
 
     def begin() -> None:
         for streams, steps, done in queue:
@@ -415,7 +452,7 @@ def run_lockstep(jobs: Iterable[tuple[Sequence[bytes], DecodeSteps, Callable]], 
                 active.append((session, steps, done, session.decode(value)))
                 return
             session.close()
-            done(value)
+            finish(done, value)
 
     try:
         for _ in range(in_flight):
@@ -427,13 +464,21 @@ def run_lockstep(jobs: Iterable[tuple[Sequence[bytes], DecodeSteps, Callable]], 
                 active.append((session, steps, done, session.decode(value)))
                 continue
             session.close()
-            done(value)
-            begin()
+            begin()  # the next job's first request goes out before this one's diffusion
+            finish(done, value)
+        while finishing:
+            finishing.popleft().result()
     except BaseException:
         for _, steps, _, _ in active:
             steps.close()
-        coder.abandon()
+        coder.abandon()  # closes the pool if requests are out; otherwise it stays usable ...
+        for session, _, _, _ in active:
+            with suppress(Exception):  # ... and its decoders of these jobs go
+                session.close()
         raise
+    finally:
+        if finisher is not None:
+            finisher.shutdown(wait=True, cancel_futures=True)
 
 
 def _advance(steps: DecodeSteps, values) -> tuple[bool, object]:

@@ -163,6 +163,76 @@ def test_an_error_inside_a_decode_loop_closes_the_pool_and_the_next_decode_works
             assert np.array_equal(a, b)
 
 
+def test_a_diffusion_error_on_the_finishing_thread_reaches_the_caller_and_the_next_decode_works(tiny_model_dir, rng):
+    with Codec.load(tiny_model_dir, max_batch=2, coder_processes=2) as codec:
+        streams = codec.compress([random_image(rng, 64, 64) for _ in range(6)])
+        expected = codec.decompress(streams, steps=1)
+        calls = []
+        real = codec._diffuse
+
+        def failing(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                raise MemoryError("device out of memory")
+            return real(*args, **kwargs)
+
+        codec._diffuse = failing
+        try:
+            with pytest.raises(MemoryError, match="out of memory"):
+                codec.decompress(streams, steps=1)
+        finally:
+            del codec._diffuse
+        assert all(np.array_equal(a, b) for a, b in zip(codec.decompress(streams, steps=1), expected))
+
+
+def test_finishing_on_a_thread_keeps_the_order_and_reports_the_first_error():
+    """The accelerator path: each job's rest of the work (``done``) on a thread of its own, in order,
+    while the coders decode the next jobs; an error there reaches the caller, and the pool stays usable."""
+    import threading
+
+    rng = np.random.default_rng(1)
+    tables = _toy_tables()
+    jobs = [[_toy_job(rng, 200) for _ in range(2)] for _ in range(6)]
+    streams = [InlineCoder(tables).encode(batch).result() for batch in jobs]
+    with CoderPool(tables, 2) as pool:
+        finished, threads = [], set()
+
+        def done_for(k):
+            def done(result):
+                threads.add(threading.current_thread().name)
+                finished.append((k, result))
+            return done
+
+        run_lockstep(((s, _toy_decode_steps([j[1] for j in batch]), done_for(k))
+                      for k, (batch, s) in enumerate(zip(jobs, streams))), pool, finish_in_thread=True)
+        assert [k for k, _ in finished] == list(range(6))
+        assert all(np.array_equal(r, s) for (k, got), batch in zip(finished, jobs) for r, (s, _) in zip(got, batch))
+        assert threads and all(name.startswith("rdeic-finish") for name in threads)
+
+        def failing(result):
+            raise MemoryError("device out of memory")
+
+        with pytest.raises(MemoryError):
+            run_lockstep(((s, _toy_decode_steps([j[1] for j in batch]), failing if k == 2 else done_for(k))
+                          for k, (batch, s) in enumerate(zip(jobs, streams))), pool, finish_in_thread=True)
+        finished.clear()
+        run_lockstep(((s, _toy_decode_steps([j[1] for j in batch]), done_for(k))
+                      for k, (batch, s) in enumerate(zip(jobs, streams))), pool, finish_in_thread=True)
+        assert [k for k, _ in finished] == list(range(6))
+
+
+def test_one_intra_op_thread_while_any_thread_decodes_and_the_setting_restored_after(tiny_model_dir, rng):
+    import torch
+
+    before = torch.get_num_threads()
+    seen = []
+    with Codec.load(tiny_model_dir, max_batch=1, coder_processes=1) as codec:
+        real = codec._diffuse
+        codec._diffuse = lambda *a, **k: seen.append(torch.get_num_threads()) or real(*a, **k)
+        codec.decompress(codec.compress([random_image(rng, 64, 64) for _ in range(4)]), steps=1)
+    assert seen == [1, 1, 1, 1] and torch.get_num_threads() == before
+
+
 def _fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
 
