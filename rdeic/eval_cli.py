@@ -39,6 +39,13 @@ def _points(text: str) -> int:
     return value
 
 
+def _max_pixels(text: str) -> int:
+    value = int(text) if text.strip().isdigit() else 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def add_eval_parser(sub, default_model_help: str) -> None:
     from .baselines import FORMATS
 
@@ -67,6 +74,8 @@ def add_eval_parser(sub, default_model_help: str) -> None:
                    help="the bpp interval the baselines cover (default: the models' points, widened to span x4)")
     p.add_argument("--seed", type=int, help="decode seed of every image (default: derived from each image's content)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--max-pixels", type=_max_pixels, default=None, metavar="N",
+                   help="refuse an image over N pixels once padded to multiples of 64 (default: 16777216 = 4096²)")
     p.add_argument("--out", required=True, help="output folder: new, empty, or an earlier rdeic eval output")
     p.set_defaults(func=cmd_eval)
 
@@ -80,6 +89,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     spec = EvalSpec(images=args.images, out=args.out, models=models, settings=settings, baselines=tuple(args.baselines),
                     anchor=args.anchor, points=args.points, bpp_range=args.bpp_range,
                     backbones=args.backbones, device=args.device, seed=args.seed,
+                    **({"max_pixels": args.max_pixels} if args.max_pixels else {}),
                     **({"metrics": tuple(args.metrics)} if args.metrics else {}))
     summary = run(spec)
     print(f"{args.out}/index.html: {summary['image_count']} images, {len(settings) * len(models)} RDEIC points, "

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from . import baselines as bl
+from .bitstream import DEFAULT_MAX_PIXELS
 from .images import open_image, to_rgb
 from .metrics import DISTRIBUTION_METRICS, MetricSuite, fid_kid, pooled_psnr
 from .metrics import versions as metric_versions
@@ -70,10 +71,12 @@ class EvalSpec:
     backbones: str | None = None
     device: str = "cpu"
     seed: int | None = None  # decode seed of every image; None: the codec's, derived from the content
+    max_pixels: int = DEFAULT_MAX_PIXELS  # per image, padded to multiples of 64
 
 
-def load_images(source: str, max_pixels: int | None = None) -> dict[str, np.ndarray]:
-    """The images under a folder or fsspec URL (recursively, sorted by relative path), as RGB uint8."""
+def load_images(source: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> dict[str, np.ndarray]:
+    """The images under a folder or fsspec URL (recursively, sorted by relative path), as RGB uint8; each
+    checked against ``max_pixels`` (padded, as the codec counts them) before its pixels are decoded."""
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(source)
@@ -298,7 +301,7 @@ def run(spec: EvalSpec) -> dict:
     t0 = time.perf_counter()
     check_spec(spec)
     out = check_out(spec.out)
-    images = load_images(spec.images)
+    images = load_images(spec.images, spec.max_pixels)
     curves, rows, facts = evaluate(spec, images)
     return write(spec, out, curves, rows, facts, time.perf_counter() - t0)
 

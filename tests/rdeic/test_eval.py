@@ -178,3 +178,18 @@ def test_images_come_from_any_fsspec_url_recursively_and_sorted():
         assert list(images) == ["b/two.png", "one.jpg"] and images["b/two.png"].shape == (20, 30, 3)
     finally:
         fs.rm("/evalset", recursive=True)
+
+
+def test_an_image_over_the_pixel_limit_is_a_one_line_error_before_any_model_runs(tmp_path, capsys):
+    """The codec's default decode limit (4096² padded) holds for --images too; --max-pixels raises it."""
+    from rdeic.evaluate import load_images
+
+    (tmp_path / "in").mkdir()
+    Image.new("RGB", (4200, 4100), (120, 30, 200)).save(tmp_path / "in" / "huge.png")
+    with pytest.raises(ValueError, match="huge.png: image is 4200x4100: .* over the limit of 16777216"):
+        load_images(str(tmp_path / "in"))
+    assert load_images(str(tmp_path / "in"), max_pixels=4224 * 4160)["huge.png"].shape == (4100, 4200, 3)
+    assert main(["eval", "--images", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--baselines", "jpeg"]) == 2
+    err = capsys.readouterr().err
+    assert "over the limit of 16777216" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
