@@ -186,7 +186,7 @@ def simulate(args) -> None:
 
     import numpy as np
 
-    from rdeic.coders import InlineCoder, make_coder, run_lockstep, run_pipelined
+    from rdeic.coders import InlineCoder, YStream, make_coder, run_lockstep, run_pipelined
 
     n = 32 * 32 * 320
     sym, idx, _, tables = symbols(n)
@@ -227,7 +227,8 @@ def simulate(args) -> None:
             time.sleep(batch * dec_floor * (1 - args.loop_share))  # diffusion and the VAE decoder
 
         t0 = time.perf_counter()
-        run_lockstep((([data] * batch, steps(), done) for _ in range(count)), coder)
+        stream = YStream(data, 4 * n + (64 << 10))  # the codec's safety margin, added by the coder
+        run_lockstep((([stream] * batch, steps(), done) for _ in range(count)), coder, finish_in_thread=True)
         return batch * count / (time.perf_counter() - t0)
 
     device = {"encode": 1 / enc_floor, "decode": 1 / dec_floor}

@@ -27,8 +27,9 @@ import sys
 import threading
 import weakref
 from collections import deque
-from contextlib import suppress
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import suppress
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Callable, Generator, Iterable, Sequence
@@ -37,11 +38,26 @@ import numpy as np
 
 # (cdf rows, lengths, offsets) as compressai's coder takes them: Python lists
 Tables = tuple[list, list, list]
-# One image's symbols and their CDF rows, int32, in coding order
+# One image's symbols (int32) and their CDF rows (uint8 or int32), in coding order
 EncodeJob = tuple[np.ndarray, np.ndarray]
 # A decoding model-side generator: yields each image's CDF rows of its next chunk, receives the
 # chunk's symbols, returns its result
 DecodeSteps = Generator[list[np.ndarray], list[np.ndarray], object]
+
+
+@dataclass(frozen=True)
+class YStream:
+    """A y section and the zeros to append before decoding it (the codec's safety margin for damaged
+    streams): the zeros are made where the decoder runs, not sent to it."""
+
+    data: bytes
+    margin: int = 0
+
+
+def _open_decoder(decoder_class, stream: "bytes | YStream"):
+    decoder = decoder_class()
+    decoder.set_stream(stream if isinstance(stream, bytes) else stream.data + bytes(stream.margin))
+    return decoder
 
 
 class CoderError(RuntimeError):
@@ -102,7 +118,7 @@ class InlineCoder:
     def encode(self, jobs: Sequence[EncodeJob]) -> _Done:
         return _Done([encode_one(s, i, self.tables) for s, i in jobs])
 
-    def open(self, streams: Sequence[bytes]) -> "_InlineSession":
+    def open(self, streams: Sequence[bytes | YStream]) -> "_InlineSession":
         return _InlineSession(streams, self.tables)
 
     def abandon(self) -> None:
@@ -113,14 +129,10 @@ class InlineCoder:
 
 
 class _InlineSession:
-    def __init__(self, streams: Sequence[bytes], tables: Tables) -> None:
+    def __init__(self, streams: Sequence[bytes | YStream], tables: Tables) -> None:
         _, decoder_class = _ans()
         self.tables = tables
-        self.decoders = []
-        for data in streams:
-            decoder = decoder_class()
-            decoder.set_stream(data)
-            self.decoders.append(decoder)
+        self.decoders = [_open_decoder(decoder_class, s) for s in streams]
 
     def decode(self, indexes: Sequence[np.ndarray]) -> _Done:
         return _Done([_decode_chunk(d, idx, self.tables) for d, idx in zip(self.decoders, indexes)])
@@ -149,10 +161,8 @@ def _serve(conn) -> None:
                 tables = payload
                 continue
             if kind == "open":  # no reply: errors surface with the session's first decode
-                for sid, data in payload:
-                    decoder = decoder_class()
-                    decoder.set_stream(data)
-                    decoders[sid] = decoder
+                for sid, stream in payload:
+                    decoders[sid] = _open_decoder(decoder_class, stream)
                 continue
             if kind == "close":
                 for sid in payload:
@@ -348,7 +358,7 @@ class CoderPool:
     def encode(self, jobs: Sequence[EncodeJob]) -> "_Pending | _Done":
         return self._ask(self._spread(len(jobs)), "encode", jobs)
 
-    def open(self, streams: Sequence[bytes]) -> "_PoolSession":
+    def open(self, streams: Sequence[bytes | YStream]) -> "_PoolSession":
         owners = self._spread(len(streams))
         sids = [next(self._ids) for _ in streams]
         self._send(owners, "open", -1, list(zip(sids, streams)))
@@ -419,7 +429,7 @@ def run_pipelined(batches: Iterable, analyse: Callable, coder, finish: Callable,
         raise
 
 
-def run_lockstep(jobs: Iterable[tuple[Sequence[bytes], DecodeSteps, Callable]], coder, in_flight: int = 2,
+def run_lockstep(jobs: Iterable[tuple[Sequence[bytes | YStream], DecodeSteps, Callable]], coder, in_flight: int = 2,
                  finish_in_thread: bool = False) -> None:
     """Decode: each job is ``(streams, steps, done)``: the images' y streams, the model-side generator
     (see ``DecodeSteps``) and ``done(result)``, called when the generator returns (the rest of the

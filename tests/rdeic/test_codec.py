@@ -120,16 +120,22 @@ def test_the_entropy_decoder_never_reads_past_the_bytes_it_is_given(tiny_codec, 
     from dataclasses import replace
 
     from rdeic import bitstream as bs
+    from rdeic import coders
 
     compression = tiny_codec.model.compression
-    decompress, steps, given = type(compression).decompress, type(compression).decode_steps, []
+    steps, given, handed = type(compression).decode_steps, [], []
     monkeypatch.setattr(type(compression), "decode_steps", lambda self, codes: given.extend(codes) or steps(self, codes))
+    opener = coders._open_decoder
+    monkeypatch.setattr(coders, "_open_decoder", lambda cls, s: handed.append(s) or opener(cls, s))
     stream = bs.read(forged_size(tiny_codec.compress([random_image(rng, 64, 64)])[0], 256, 256))  # 12288 y symbols
     tiny_codec.decompress_results([bs.write(stream.header, stream.hyper, y)], steps=1)
-    code = given[0]
-    longer = replace(code, y_string=code.y_string + rng.bytes(4096) + b"\xff" * 4096)
+    (code,), (ys,) = given, handed
+    full = ys.data + bytes(ys.margin)  # what the decoder was handed
+    assert ys.data == y and ys.margin >= 4 * 12288
+    exact = replace(code, y_string=full)
+    longer = replace(code, y_string=full + rng.bytes(4096) + b"\xff" * 4096)
     with tiny_codec._numerics():
-        assert np.array_equal(decompress(compression, [code]).symbols[0], decompress(compression, [longer]).symbols[0])
+        assert np.array_equal(compression.decompress([exact]).symbols[0], compression.decompress([longer]).symbols[0])
 
 
 @pytest.mark.parametrize("y, message", [(b"", "has 0 bytes"), (bytes(4), "has 4 bytes"), (bytes(13), "has 13 bytes"),
