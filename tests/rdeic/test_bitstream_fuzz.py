@@ -280,10 +280,12 @@ def test_header_fields(tiny_codec, seeds):
     assert outcomes["image"] + outcomes["EntropyDesyncError"] > 0  # some cases did reach the decoder
 
 
-def test_bytes(tiny_codec, seeds):
-    rng = np.random.default_rng(2025)
-    cases = [_mutate_bytes(rng, seeds[i % len(seeds)]) for i in range(BYTE_CASES)]
-    outcomes = _fuzz(tiny_codec, cases, "byte mutations")
+@pytest.mark.parametrize("version, seed", [(1, 2025), (2, 2028)])
+def test_bytes(tiny_codec, request, version, seed):
+    streams = request.getfixturevalue("seeds" if version == 1 else "seeds_v2")
+    rng = np.random.default_rng(seed)
+    cases = [_mutate_bytes(rng, streams[i % len(streams)]) for i in range(BYTE_CASES)]
+    outcomes = _fuzz(tiny_codec, cases, f"v{version} byte mutations")
     assert outcomes["ChecksumError"] > 0
 
 
@@ -358,13 +360,6 @@ def test_v2_header_fields(tiny_codec, seeds_v2):
     cases = [_v2_mutate(rng, seeds_v2[i % len(seeds_v2)]) for i in range(HEADER_CASES)]
     outcomes = _fuzz(tiny_codec, cases, "v2 header mutations")
     assert outcomes["image"] + outcomes["EntropyDesyncError"] > 0 and outcomes["HeaderError"] > 0
-
-
-def test_v2_bytes(tiny_codec, seeds_v2):
-    rng = np.random.default_rng(2028)
-    cases = [_mutate_bytes(rng, seeds_v2[i % len(seeds_v2)]) for i in range(BYTE_CASES)]
-    outcomes = _fuzz(tiny_codec, cases, "v2 byte mutations")
-    assert outcomes["ChecksumError"] > 0
 
 
 def test_v1_and_v2_of_a_stream_hold_the_same_symbols_and_decode_alike(tiny_codec, seeds_v2):
