@@ -402,12 +402,6 @@ def make_coder(tables: Tables, processes: int) -> InlineCoder | CoderPool:
     return CoderPool(tables, processes) if processes else InlineCoder(tables)
 
 
-def default_processes(cpus: int | None = None) -> int:
-    """Coder processes for a model on an accelerator: the CPUs beside the model's own thread, at most 8."""
-    cpus = len(os.sched_getaffinity(0)) if cpus is None and hasattr(os, "sched_getaffinity") else (cpus or os.cpu_count() or 1)
-    return max(0, min(8, cpus - 1))
-
-
 # ------------------------------------------------------------------------------- scheduling
 def run_pipelined(batches: Iterable, analyse: Callable, coder, finish: Callable, in_flight: int = 2) -> None:
     """Encode: ``analyse(batch)`` (the model side) gives ``(jobs, context)``; the coder codes the jobs
