@@ -35,7 +35,7 @@ from .bitstream import DEFAULT_MAX_PIXELS
 from .images import open_image, to_rgb
 from .metrics import DISTRIBUTION_METRICS, MetricSuite, fid_kid, pooled_psnr
 from .metrics import versions as metric_versions
-from .shards import IMAGE_EXTENSIONS
+from .shards import IMAGE_EXTENSIONS, MAX_MEMBER_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,9 @@ def load_images(source: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> dic
     out = {}
     for path in paths:
         name = path[len(root):].lstrip("/")
+        size = fs.size(path)
+        if size is None or size > MAX_MEMBER_BYTES:  # the jobs' limit for one image file
+            raise ValueError(f"--images: {name}: the file has {size} bytes, over the limit of {MAX_MEMBER_BYTES}")
         try:
             out[name] = to_rgb(open_image(fs.cat_file(path), max_pixels))
         except ValueError as exc:

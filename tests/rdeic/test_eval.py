@@ -193,3 +193,14 @@ def test_an_image_over_the_pixel_limit_is_a_one_line_error_before_any_model_runs
     err = capsys.readouterr().err
     assert "over the limit of 16777216" in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_an_image_file_over_the_byte_limit_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    from rdeic import evaluate
+
+    (tmp_path / "in").mkdir()
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(tmp_path / "in" / "a.png")
+    (tmp_path / "in" / "b.ppm").write_bytes(b"P6\n64 64\n255\n" + bytes(64 * 64 * 3))
+    monkeypatch.setattr(evaluate, "MAX_MEMBER_BYTES", 1000)
+    with pytest.raises(ValueError, match=r"b.ppm: the file has 12301 bytes, over the limit of 1000"):
+        evaluate.load_images(str(tmp_path / "in"))
