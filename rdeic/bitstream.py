@@ -7,16 +7,22 @@ Version 2 (what the codec writes), 18 bytes around the payload for a 512² image
 
     magic        2 bytes  b"RD"
     version      u8       2
-    flags        u8       bits 0-4: index_bits - 1; bit 5: a seed follows; bits 6-7: zero
+    flags        u8       bits 0-4: index_bits - 1; bit 5: a seed follows; bit 6: a tile plan follows;
+                          bit 7: zero
     model_hash   2 bytes  the first two bytes of the model id's digest (the full id is in the model
                           directory and in every archive row)
     width        varint   original size; the padded size and the latent shapes follow from it
     height       varint
+    tile/8       varint   only with flag bit 6: the decoder's tile side, in units of 8 latent pixels
+    overlap      varint   only with flag bit 6: latent pixels shared by neighbouring tiles
     symbols_crc  u32      CRC32 of the integer symbols (hyper indices, then y), to detect entropy desync
     seed         u32      only with flag bit 5; otherwise the decode seed is symbols_crc
     hyper        the hyper-latent indices, bit-packed: exactly ceil(z_h * z_w * index_bits / 8) bytes
     y            the y symbols' rANS stream: every byte up to the CRC32
     crc32        u32      CRC32 of every byte before it
+
+A stream without flag bit 6 decodes as one piece; with it, the UNet and the VAE decoder run over
+the plan's tiles (:mod:`rdeic.tiling`). Readers from before tiling refuse bit 6 as a reserved bit.
 
 Version 1 (read for the archives written with it), 58 bytes around the payload for a 512² image
 and a 14-byte model name::
@@ -52,6 +58,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .config import plan_problem
 from .errors import (
     BadMagicError,
     BitstreamError,
@@ -69,6 +76,7 @@ FORMAT_VERSION = 2  # what the codec writes
 VERSIONS = (1, 2)  # what read() reads
 V2_HASH_BYTES = 2
 _SEED_FLAG = 0x20
+_TILED_FLAG = 0x40
 PAD = 64
 SECTION_HYPER = 1
 SECTION_Y = 2
@@ -92,6 +100,7 @@ class Header:
     seed: int
     symbols_crc: int
     version: int = 1
+    tiles: tuple[int, int] | None = None  # (tile, overlap) in latent pixels for a tiled decode; version 2 only
 
     @property
     def model_id(self) -> str:
@@ -200,6 +209,8 @@ def write(header: Header, hyper: bytes, y: bytes) -> bytes:
         return _write_v2(header, hyper, y)
     if header.version != 1:
         raise ValueError(f"bitstream version must be one of {VERSIONS}, got {header.version}")
+    if header.tiles is not None:
+        raise ValueError("a version 1 stream cannot carry a tile plan; this image needs version 2")
     name = header.model_name.encode()
     if len(name) > 255 or len(header.model_hash) != 8:
         raise ValueError("model name must be <= 255 bytes and model hash 8 bytes")
@@ -227,11 +238,19 @@ def _write_v2(header: Header, hyper: bytes, y: bytes) -> bytes:
     if len(header.model_hash) != V2_HASH_BYTES:
         raise ValueError(f"a version 2 stream carries {V2_HASH_BYTES} bytes of the model hash, got {len(header.model_hash)}")
     seeded = (header.seed & 0xFFFFFFFF) != (header.symbols_crc & 0xFFFFFFFF)
+    tiles = b""
+    if header.tiles is not None:
+        problem = plan_problem(*header.tiles)
+        if problem or header.tiles[0] % 8:
+            raise ValueError(f"bad tile plan {header.tiles}: {problem}")
+        tiles = _varint(header.tiles[0] // 8) + _varint(header.tiles[1])
+    flags = (header.index_bits - 1) | (_SEED_FLAG if seeded else 0) | (_TILED_FLAG if tiles else 0)
     body = b"".join([
         MAGIC_V2,
-        bytes([2, (header.index_bits - 1) | (_SEED_FLAG if seeded else 0)]),
+        bytes([2, flags]),
         header.model_hash,
         _varint(header.width) + _varint(header.height),
+        tiles,
         struct.pack("<I", header.symbols_crc & 0xFFFFFFFF),
         struct.pack("<I", header.seed & 0xFFFFFFFF) if seeded else b"",
         hyper,
@@ -257,11 +276,17 @@ def read(data: bytes) -> Bitstream:
 
 def _read_v2(r: _Reader) -> Bitstream:
     flags = r.u8("the flags")
-    if flags & ~(_SEED_FLAG | 0x1F):
+    if flags & ~(_SEED_FLAG | _TILED_FLAG | 0x1F):
         raise HeaderError(f"bitstream flags {flags:#04x} set reserved bits")
     index_bits = (flags & 0x1F) + 1
     model_hash = r.take(V2_HASH_BYTES, "the model hash")
     width, height = r.varint("the width", MAX_SIDE), r.varint("the height", MAX_SIDE)
+    tiles = None
+    if flags & _TILED_FLAG:
+        tiles = (8 * r.varint("the tile size", MAX_SIDE), r.varint("the tile overlap", MAX_SIDE))
+        problem = plan_problem(*tiles)
+        if problem:
+            raise HeaderError(f"bitstream tile plan is not usable: {problem}")
     symbols_crc = r.u32("the symbol CRC")
     seed = r.u32("the seed") if flags & _SEED_FLAG else symbols_crc
     if flags & _SEED_FLAG and seed == symbols_crc:
@@ -270,7 +295,7 @@ def _read_v2(r: _Reader) -> Bitstream:
         raise HeaderError(f"bitstream header is inconsistent: image size {width}x{height}")
     pw, ph = padded(width), padded(height)
     header = Header("", model_hash, width, height, pw, ph, (ph // 16, pw // 16), (ph // 64, pw // 64), index_bits,
-                    seed, symbols_crc, version=2)
+                    seed, symbols_crc, version=2, tiles=tiles)
     hyper_len = -(-header.z_shape[0] * header.z_shape[1] * index_bits // 8)
     present = len(r.data) - r.pos - CRC_SIZE
     if hyper_len > present:

@@ -27,9 +27,11 @@ import torch.nn.functional as F
 from . import bitstream as bs
 from .coders import CoderPool, InlineCoder, YStream, make_coder, run_lockstep, run_pipelined
 from .compression import DecodedLatents, LatentCode
+from .config import TilingConfig
 from .errors import BitstreamError, EntropyDesyncError, ModelMismatchError, PayloadError
 from .model import RDEIC
 from .modeldir import legacy_digest
+from .tiling import TilePlan
 from .weights import ModelId, load_model
 
 
@@ -72,10 +74,13 @@ class Codec:
         deterministic: bool = True,
         model_dir: str | os.PathLike | None = None,
         coder_processes: int = 0,
+        tiling: TilingConfig | None = None,
     ) -> None:
         """``model_dir``: where the model was loaded from, to accept bitstreams with its legacy digest.
         ``coder_processes``: entropy coding in that many processes beside the model (0: in this thread);
-        see :mod:`rdeic.coders`. The bytes and pixels are the same either way."""
+        see :mod:`rdeic.coders`. The bytes and pixels are the same either way.
+        ``tiling``: when to encode an image in tiles, and how (default: the model config's); a tiled
+        bitstream carries its plan, so decoding follows the stream, not this setting."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if isinstance(coder_processes, bool) or not isinstance(coder_processes, int) or coder_processes < 0:
@@ -87,6 +92,7 @@ class Codec:
         self.deterministic = deterministic
         self.model_dir = model_dir
         self.coder_processes = coder_processes
+        self.tiling = tiling if tiling is not None else model.config.tiling
         self._coder: InlineCoder | CoderPool | None = None
         self._legacy_digest: bytes | None = None
 
@@ -99,10 +105,11 @@ class Codec:
         max_batch: int = 8,
         deterministic: bool = True,
         coder_processes: int = 0,
+        tiling: TilingConfig | None = None,
     ) -> "Codec":
         model, model_id = load_model(model_dir, device=device, dtype=dtype)
         return cls(model, model_id, device=device, max_batch=max_batch, deterministic=deterministic, model_dir=model_dir,
-                   coder_processes=coder_processes)
+                   coder_processes=coder_processes, tiling=tiling)
 
     def coder(self) -> InlineCoder | CoderPool:
         """The entropy coder (its processes start on first use)."""
@@ -143,6 +150,15 @@ class Codec:
     def config(self):
         return self.model.config
 
+    def tile_plan(self, pad_height: int, pad_width: int) -> TilePlan | None:
+        """The plan an image of this padded size is encoded with: None (one piece) up to
+        ``tiling.min_pixels`` padded pixels, or when one tile covers it anyway."""
+        t = self.tiling
+        latent = (pad_height // 8, pad_width // 8)
+        if pad_height * pad_width <= t.min_pixels or max(latent) <= t.tile:
+            return None
+        return TilePlan(t.tile, t.overlap)
+
     def bpp(self, bitstream: bytes, width: int, height: int) -> float:
         return len(bitstream) * 8 / (width * height)
 
@@ -160,18 +176,27 @@ class Codec:
 
         def analyse(batch: list[int]):
             ph, pw = bs.padded(images[batch[0]].shape[0]), bs.padded(images[batch[0]].shape[1])
-            x = torch.stack([self._to_tensor(images[i], ph, pw) for i in batch]).to(self.device)
+            plan = self.tile_plan(ph, pw)
+            x = torch.stack([self._to_tensor(images[i], ph, pw) for i in batch]).to(self.device, self.model.encoder_dtype)
             with self._numerics():
-                feat, _ = self.model.vae_features(x.to(self.model.encoder_dtype))
+                if plan is None:
+                    feat = self.model.vae_features(x)[0]
+                else:
+                    feat = self.model.tiled_features(x, plan, self.tiling.batch)
+                del x
                 latents = self.model.compression.analyse(feat.float())
-            return [(s.symbols, s.indexes) for s in latents], latents
+            return [(s.symbols, s.indexes) for s in latents], (latents, plan)
 
-        def finish(batch: list[int], latents, y_strings: list[bytes]) -> None:
+        def finish(batch: list[int], analysed, y_strings: list[bytes]) -> None:
+            latents, plan = analysed
             for i, latent, y in zip(batch, latents, y_strings):
                 seed = latent.symbols_crc if seeds is None else int(seeds[i])
-                out[i] = self._write(images[i].shape, latent.code(y), seed)
+                out[i] = self._write(images[i].shape, latent.code(y), seed, plan)
 
-        batches = (batch for members in groups.values() for batch in _batches(members, self.max_batch))
+        # A tiled image is a batch of its own: its tiles batch together, and its whole-image tensors
+        # are what memory grows with.
+        batches = (batch for (ph, pw), members in groups.items()
+                   for batch in _batches(members, 1 if self.tile_plan(ph, pw) else self.max_batch))
         run_pipelined(batches, analyse, self.coder(), finish)
         return out
 
@@ -183,7 +208,7 @@ class Codec:
             x = F.pad(x[None], (0, pw - w, 0, ph - h), mode="replicate")[0]
         return x
 
-    def _write(self, shape: tuple[int, ...], code: LatentCode, seed: int) -> bytes:
+    def _write(self, shape: tuple[int, ...], code: LatentCode, seed: int, plan: TilePlan | None = None) -> bytes:
         h, w = shape[:2]
         bits = self.config.compression.index_bits
         header = bs.Header(
@@ -199,6 +224,7 @@ class Codec:
             seed=seed & 0xFFFFFFFF,
             symbols_crc=code.symbols_crc,
             version=bs.FORMAT_VERSION,
+            tiles=None if plan is None else (plan.tile, plan.overlap),
         )
         return bs.write(header, bs.pack_indices(code.hyper_indices, bits), code.y_string)
 
@@ -324,17 +350,18 @@ class Codec:
                           results: list) -> Iterable[list[tuple[int, bs.Bitstream]]]:
         """Batches (position, stream) of the accepted streams, each of one padded size and so of one latent
         shape; a refused stream's error goes to ``results`` at its position."""
-        groups: dict[tuple[int, int], list[tuple[int, bs.Bitstream]]] = defaultdict(list)
+        groups: dict[tuple, list[tuple[int, bs.Bitstream]]] = defaultdict(list)
         for i, data in enumerate(bitstreams):
             try:
                 stream = self._accept(data, max_pixels)
             except BitstreamError as exc:
                 results[i] = exc
                 continue
-            groups[(stream.header.pad_height, stream.header.pad_width)].append((i, stream))
-        for members in groups.values():
-            for start in range(0, len(members), self.max_batch):
-                yield members[start:start + self.max_batch]
+            groups[(stream.header.pad_height, stream.header.pad_width, stream.header.tiles)].append((i, stream))
+        for (_, _, tiles), members in groups.items():
+            size = 1 if tiles else self.max_batch  # a tiled image is a batch of its own, as in compress
+            for start in range(0, len(members), size):
+                yield members[start:start + size]
 
     def _accept(self, data: bytes, max_pixels: int | None) -> bs.Bitstream:
         """Parse, check the size, then the payload (the indices are unpacked only once the size is acceptable)."""
@@ -372,12 +399,18 @@ class Codec:
         if not ok:
             return out
         dtype = self.model.dtype
+        tiles = streams[0].header.tiles  # one plan per batch (see _accepted_batches)
+        plan = None if tiles is None else TilePlan(*tiles)
+        batch = self.tiling.batch
         start, step_noises = self._noise([streams[k].header.seed for k in ok], tuple(z_c.shape[1:]), steps)
         z0 = self.model.relay_decode(
-            z_c[ok].to(dtype), hint[ok].to(dtype), steps, detail, start.to(self.device, dtype), [n.to(self.device, dtype) for n in step_noises]
+            z_c[ok].to(dtype), hint[ok].to(dtype), steps, detail, start.to(self.device, dtype), [n.to(self.device, dtype) for n in step_noises],
+            plan=plan, batch=batch,
         )
-        x = self.model.decode_latent(z0).float()
-        pixels = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        del latents, z_c, hint
+        x = self.model.decode_latent(z0, plan, batch).float()
+        pixels = x.clamp_(-1, 1).add_(1).mul_(127.5).round_().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        del x
         for row, k in enumerate(ok):
             h = streams[k].header
             out[k] = np.ascontiguousarray(pixels[row, : h.height, : h.width])

@@ -131,6 +131,39 @@ class DiffusionConfig:
             raise ConfigError(f"diffusion.default_steps must be in [1, used_timesteps], got {self.default_steps}")
 
 
+MAX_TILE = 512  # latent pixels (4096 image pixels): the largest tile a bitstream may ask for
+
+
+def plan_problem(tile: int, overlap: int) -> str | None:
+    """Why (tile, overlap) is not a usable tile plan (:mod:`rdeic.tiling`), or None. Tiles are multiples
+    of 8 latent pixels so that every UNet preset (three downsamplings at most) divides them."""
+    if isinstance(tile, bool) or not isinstance(tile, int) or tile % 8 or not 8 <= tile <= MAX_TILE:
+        return f"tile must be a multiple of 8 in [8, {MAX_TILE}] latent pixels, got {tile!r}"
+    if isinstance(overlap, bool) or not isinstance(overlap, int) or not 1 <= overlap <= tile // 2:
+        return f"tile overlap must be in [1, {tile // 2}] latent pixels for a tile of {tile}, got {overlap!r}"
+    return None
+
+
+@dataclass(frozen=True)
+class TilingConfig:
+    """When and how the codec tiles an image (:mod:`rdeic.tiling`). An encoding choice, not part of the
+    model id: a tiled bitstream carries its tile and overlap, so decoding never reads these."""
+
+    min_pixels: int = 2048 * 2048  # tile images of more padded pixels than this; smaller run whole
+    tile: int = 64  # latent pixels (x8 image pixels): SD's UNet was trained on 64x64 latents
+    overlap: int = 16  # latent pixels shared by neighbouring tiles
+    batch: int = 4  # tiles per model call (of one image or several)
+
+    def __post_init__(self) -> None:
+        problem = plan_problem(self.tile, self.overlap)
+        if problem:
+            raise ConfigError(f"tiling: {problem}")
+        if self.min_pixels < 64 * 64:
+            raise ConfigError(f"tiling.min_pixels must be >= 4096 (one padded 64x64 block), got {self.min_pixels}")
+        if self.batch < 1:
+            raise ConfigError(f"tiling.batch must be >= 1, got {self.batch}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Everything needed to build an RDEIC model; ``vae`` and ``unet`` are diffusers configs."""
@@ -143,6 +176,7 @@ class ModelConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     text_context_length: int = 77
     trained: bool = False
+    tiling: TilingConfig = field(default_factory=TilingConfig)
 
     def __post_init__(self) -> None:
         if not self.name or len(self.name.encode()) > 64:

@@ -15,6 +15,7 @@ from .compression import LatentCompression
 from .config import ModelConfig
 from .control import ControlModule, predict_noise
 from .diffusion import RelaySchedule, sample
+from .tiling import SCALE, TilePlan, blend
 
 
 def randn(shape: Sequence[int], generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
@@ -78,6 +79,12 @@ class RDEIC(nn.Module):
             moments = self.vae.quant_conv(moments)
         return h * self.config.scale_factor, moments
 
+    def tiled_features(self, x: torch.Tensor, plan: TilePlan, batch: int = 4) -> torch.Tensor:
+        """The compression input of :meth:`vae_features`, from image tiles blended at 1/8."""
+        channels = self.config.compression.in_channels
+        return blend(lambda tiles: self.vae_features(tiles[0])[0], [x], plan, channels, in_scale=SCALE, batch=batch,
+                     out_dtype=x.dtype)
+
     def latent_from_moments(self, moments: torch.Tensor, generator: torch.Generator | None = None, sample: bool = False) -> torch.Tensor:
         """z0 = scale·(mean, or a posterior sample when ``sample``)."""
         mean, logvar = moments.chunk(2, dim=1)
@@ -87,9 +94,13 @@ class RDEIC(nn.Module):
             z = mean + std * randn(mean.shape, generator, mean)
         return z * self.config.scale_factor
 
-    def decode_latent(self, z: torch.Tensor) -> torch.Tensor:
-        """VAE decoder: scaled latent -> image in [-1, 1] (not clamped)."""
-        return self.vae.decode(z / self.config.scale_factor).sample
+    def decode_latent(self, z: torch.Tensor, plan: TilePlan | None = None, batch: int = 4) -> torch.Tensor:
+        """VAE decoder: scaled latent -> image in [-1, 1] (not clamped); over ``plan``'s tiles, blended,
+        in float32."""
+        if plan is None:
+            return self.vae.decode(z / self.config.scale_factor).sample
+        return blend(lambda tiles: self.vae.decode(tiles[0] / self.config.scale_factor).sample, [z], plan,
+                     self.vae.config.out_channels, out_scale=SCALE, batch=batch)
 
     # ---------------------------------------------------------- noise estimator
     def context(self, batch: int) -> torch.Tensor:
@@ -108,10 +119,20 @@ class RDEIC(nn.Module):
         detail: float,
         start_noise: torch.Tensor,
         step_noises: Sequence[torch.Tensor],
+        plan: TilePlan | None = None,
+        batch: int = 4,
     ) -> torch.Tensor:
-        """ẑ0 from the compressed latent in ``steps`` denoising steps."""
+        """ẑ0 from the compressed latent in ``steps`` denoising steps; with ``plan``, every step's noise
+        prediction is made per tile and blended (the sampler's update itself is per pixel)."""
         z = self.schedule.start(z_c, start_noise)
-        return sample(lambda x, t: self.eps(x, t, hint, detail), z, self.schedule, steps, step_noises)
+        if plan is None:
+            return sample(lambda x, t: self.eps(x, t, hint, detail), z, self.schedule, steps, step_noises)
+
+        def tiled_eps(x: torch.Tensor, t: int) -> torch.Tensor:
+            return blend(lambda tiles: self.eps(tiles[0], t, tiles[1], detail), [x, hint], plan, x.shape[1],
+                         batch=batch, out_dtype=x.dtype)
+
+        return sample(tiled_eps, z, self.schedule, steps, step_noises)
 
     def unet_passes(self, steps: int, detail: float) -> int:
         return steps * (1 if detail in (0.0, 1.0) else 2)

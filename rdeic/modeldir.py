@@ -7,7 +7,7 @@ The id of a model (``ID_ALGORITHM``) is ``<display name>@<16 hex>``; the hex is 
                  frame(JSON [section, name, dtype, shape]) + SHA-256(the tensor's raw bytes) )
 
 where ``frame(b)`` is ``len(b)`` as u32 little-endian followed by ``b``, the decoding config is
-config.json without ``name`` and ``trained`` as compact JSON with sorted keys, JSON has no spaces,
+config.json without ``name``, ``trained`` and ``tiling`` as compact JSON with sorted keys, JSON has no spaces,
 and dtype is the safetensors name (``F16``, ``F32``, ``I64``, ...). Tensors are hashed as stored,
 so the id ignores the files' layout and metadata but not a change of storage dtype. It is
 computed once, when the directory is written, and stored in ``model_id.json``.
@@ -60,8 +60,9 @@ def display_name(config: ModelConfig) -> str:
 
 
 def decoding_config(config: ModelConfig) -> bytes:
-    """The canonical JSON of everything in the config that can change decoding."""
-    data = {k: v for k, v in to_dict(config).items() if k not in ("name", "trained")}
+    """The canonical JSON of everything in the config that can change decoding (not ``tiling``: a tiled
+    bitstream carries its own tile plan)."""
+    data = {k: v for k, v in to_dict(config).items() if k not in ("name", "trained", "tiling")}
     return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
 
 
