@@ -23,9 +23,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", nargs="+", required=True, metavar="URL",
                    help="tar shards: brace patterns (shard-{000000..000099}.tar) or globs, local or s3://")
     p.add_argument("--output", required=True, metavar="URL", help="archive folder, local or s3://")
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+    p.add_argument("--max-pixels", type=int, default=None,
                    help="refuse images over this many pixels once padded to multiples of 64, as the codec computes "
-                        "them (decompression bombs, 16000000x1 strips); default 4096²")
+                        "them (decompression bombs, 16000000x1 strips), each as its sample's error row; default: what "
+                        f"the tiled codec fits in each worker's device memory, at most {DEFAULT_MAX_PIXELS} (8192²)")
     p.add_argument("--max-member-bytes", type=int, default=MAX_MEMBER_BYTES, metavar="N",
                    help="refuse a tar member over N bytes, from its header before reading it (default 256 MiB)")
     p.add_argument("--max-sidecar-bytes", type=int, default=MAX_SIDECAR_BYTES, metavar="N",
@@ -66,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     if not urls:
         print(f"rdeic-job: error: no input shards match {args.input}", file=sys.stderr)
         return 2
-    settings = {"model_id": common.model_id(model, opts), "codec_version": CODEC_VERSION, "max_pixels": args.max_pixels,
+    settings = {"model_id": common.model_id(model, opts), "codec_version": CODEC_VERSION, "max_pixels": args.max_pixels or "auto",
                 "max_member_bytes": args.max_member_bytes, "max_sidecar_bytes": args.max_sidecar_bytes}
     output = common.open_output(args.output, "compress", settings, ARCHIVE, args)
     try:

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Iterator
 
-from rdeic.bitstream import DEFAULT_MAX_PIXELS
 from rdeic.errors import ModelFormatError
 from rdeic.shards import MAX_MEMBER_BYTES, MAX_SIDECAR_BYTES, ShardReader
 
@@ -53,7 +52,7 @@ class CompressSpec:
     model: str
     storage: storage.StorageOptions = field(default_factory=storage.StorageOptions)
     batch_size: int = 8
-    max_pixels: int = DEFAULT_MAX_PIXELS  # padded to multiples of 64, as the codec computes
+    max_pixels: int | None = None  # padded to multiples of 64, as the codec computes; None: Codec.supported_pixels()
     max_member_bytes: int = MAX_MEMBER_BYTES  # one tar member (checked from its header, before reading)
     max_sidecar_bytes: int = MAX_SIDECAR_BYTES  # all files of a sample but its image
     read_threads: int = 2
@@ -89,7 +88,7 @@ def _padded(n: int) -> int:
     return -(-n // 64) * 64
 
 
-def _prefetch(task: ShardTask, spec: CompressSpec, reader_out: list) -> Iterator[Future]:
+def _prefetch(task: ShardTask, spec: CompressSpec, max_pixels: int, reader_out: list) -> Iterator[Future]:
     """Futures of prepared samples, in shard order, read and decoded on threads ahead of use."""
     fs, path = storage.filesystem(task.url, spec.storage)
     pending: queue.Queue = queue.Queue(maxsize=4 * spec.batch_size)
@@ -102,7 +101,7 @@ def _prefetch(task: ShardTask, spec: CompressSpec, reader_out: list) -> Iterator
                 reader = ShardReader(f, spec.max_member_bytes, spec.max_member_bytes + spec.max_sidecar_bytes)
                 reader_out.append(reader)
                 for sample in reader:
-                    pending.put(pool.submit(prepare, sample, spec.max_pixels, spec.max_sidecar_bytes))
+                    pending.put(pool.submit(prepare, sample, max_pixels, spec.max_sidecar_bytes))
         except Exception as exc:  # recorded as the shard's error by the consumer
             pending.put(exc)
         finally:
@@ -127,6 +126,8 @@ class ShardCompressor:
         self.codec = codec
         self.model_id = str(codec.model_id)
         self.worker_info = worker_info or {}
+        self.max_pixels = spec.max_pixels or codec.supported_pixels()
+        self.worker_info["max_pixels"] = self.max_pixels
         self.fs, self.root = storage.filesystem(spec.output, spec.storage)
 
     def __call__(self, task: ShardTask) -> ShardStats:
@@ -156,7 +157,7 @@ class ShardCompressor:
         groups: dict[tuple[int, int], list[PreparedSample]] = defaultdict(list)
         buffered = 0
         readers: list[ShardReader] = []
-        for n, future in enumerate(_prefetch(task, self.spec, readers), start=1):
+        for n, future in enumerate(_prefetch(task, self.spec, self.max_pixels, readers), start=1):
             maybe_crash(self.spec.crash, task, n)
             prepared = future.result()
             if prepared.error:

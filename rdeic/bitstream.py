@@ -82,7 +82,11 @@ SECTION_HYPER = 1
 SECTION_Y = 2
 SECTIONS = (SECTION_HYPER, SECTION_Y)  # the only section table a stream may carry, in this order
 MAX_SIDE = 1 << 20  # largest width or height the format allows (a multiple of PAD)
-DEFAULT_MAX_PIXELS = 4096 * 4096  # padded pixels a decoder accepts unless told otherwise
+DEFAULT_MAX_PIXELS = 8192 * 8192  # padded pixels a decoder accepts unless told otherwise (tiled streams)
+# The default limit for an untiled stream, whose UNet attention runs over its whole latent at a cost that
+# grows with the square of the pixels. The codec tiles far below it; an explicit max_pixels applies to
+# untiled and tiled streams alike.
+UNTILED_DEFAULT_MAX_PIXELS = 4096 * 4096
 CRC_SIZE = 4
 
 
@@ -128,12 +132,20 @@ def padded(n: int) -> int:
     return -(-n // PAD) * PAD
 
 
+def size_limit(header: Header, max_pixels: int | None) -> int | None:
+    """The padded pixels this stream may claim under ``max_pixels``: the default is lower for an untiled stream."""
+    if header.tiles is None and max_pixels == DEFAULT_MAX_PIXELS:
+        return UNTILED_DEFAULT_MAX_PIXELS
+    return max_pixels
+
+
 def check_size(header: Header, max_pixels: int | None) -> None:
-    """Refuse a stream whose padded image is over ``max_pixels`` (None: no limit), before decoding it."""
-    pixels = header.padded_pixels
-    if max_pixels is not None and pixels > max_pixels:
-        raise ImageTooLargeError(f"the bitstream claims a {header.width}x{header.height} image ({pixels} padded pixels), "
-                                 f"over the decode limit of {max_pixels} padded pixels")
+    """Refuse a stream whose padded image is over its :func:`size_limit` (None: no limit), before decoding it."""
+    pixels, limit = header.padded_pixels, size_limit(header, max_pixels)
+    if limit is not None and pixels > limit:
+        kind = "an untiled" if limit != max_pixels else "a"
+        raise ImageTooLargeError(f"the bitstream claims {kind} {header.width}x{header.height} image ({pixels} padded "
+                                 f"pixels), over the decode limit of {limit} padded pixels")
 
 
 # ---------------------------------------------------------------- bit packing

@@ -95,7 +95,8 @@ def cmd_info(args: argparse.Namespace) -> None:
         "size": [h.width, h.height],
         "padded_size": [h.pad_width, h.pad_height],
         "padded_pixels": h.padded_pixels,
-        "over_default_max_pixels": h.padded_pixels > bs.DEFAULT_MAX_PIXELS,
+        "tiles": None if h.tiles is None else {"tile": h.tiles[0], "overlap": h.tiles[1]},  # latent pixels
+        "over_default_max_pixels": _over_default_limit(h),
         "y_shape": list(h.y_shape),
         "z_shape": list(h.z_shape),
         "index_bits": h.index_bits,
@@ -109,8 +110,17 @@ def cmd_info(args: argparse.Namespace) -> None:
     for key, value in info.items():
         print(f"{key:23s} {value}")
     if info["over_default_max_pixels"]:
-        print(f"note: over the default decode limit of {bs.DEFAULT_MAX_PIXELS} padded pixels; "
-              f"decode it with --max-pixels {h.padded_pixels} if you trust its source")
+        print(f"note: over the default decode limit of {bs.size_limit(h, bs.DEFAULT_MAX_PIXELS)} padded pixels"
+              f"{'' if h.tiles else ' for an untiled stream'}; decode it with --max-pixels {h.padded_pixels} if you "
+              f"trust its source")
+
+
+def _over_default_limit(h: bs.Header) -> bool:
+    try:
+        bs.check_size(h, bs.DEFAULT_MAX_PIXELS)
+    except ImageTooLargeError:
+        return True
+    return False
 
 
 def _positive_int(text: str) -> int:
@@ -198,8 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--detail", type=float, default=1.0, help="λs: 0 smooth ... 1 as trained ... >1 sharper (default 1)")
     d.add_argument("--max-pixels", type=_positive_int, default=bs.DEFAULT_MAX_PIXELS, metavar="N",
                    help="refuse, before allocating anything, a bitstream claiming more than N padded pixels (width and "
-                        "height rounded up to multiples of 64); default 4096*4096 = %(default)s, as rdeic-job decode. "
-                        "Raise it to decode larger images: `rdeic info` shows a stream's padded pixels")
+                        "height rounded up to multiples of 64); default 8192*8192 = %(default)s, as rdeic-job decode "
+                        "(4096*4096 for an untiled stream). Raise it to decode larger images: `rdeic info` shows a "
+                        "stream's padded pixels")
     with_model(d)
     d.set_defaults(func=cmd_decode)
 

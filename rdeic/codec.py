@@ -31,7 +31,7 @@ from .config import TilingConfig
 from .errors import BitstreamError, EntropyDesyncError, ModelMismatchError, PayloadError
 from .model import RDEIC
 from .modeldir import legacy_digest
-from .tiling import TilePlan
+from .tiling import TilePlan, supported_pixels
 from .weights import ModelId, load_model
 
 
@@ -158,6 +158,17 @@ class Codec:
         if pad_height * pad_width <= t.min_pixels or max(latent) <= t.tile:
             return None
         return TilePlan(t.tile, t.overlap)
+
+    def supported_pixels(self) -> int:
+        """The largest image (padded pixels) this codec's device should take, by :func:`rdeic.tiling.supported_pixels`:
+        a GPU's memory, or on CPU the machine's memory shared by one worker per core; at most the
+        decoders' default limit (:data:`rdeic.bitstream.DEFAULT_MAX_PIXELS`)."""
+        if self.device.type == "cuda":
+            memory = torch.cuda.get_device_properties(self.device).total_memory
+        else:
+            memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // (os.cpu_count() or 1)
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        return supported_pixels(self.config, memory, weights, bs.DEFAULT_MAX_PIXELS)
 
     def bpp(self, bitstream: bytes, width: int, height: int) -> float:
         return len(bitstream) * 8 / (width * height)

@@ -31,7 +31,6 @@ from pathlib import Path
 import numpy as np
 
 from . import baselines as bl
-from .bitstream import DEFAULT_MAX_PIXELS
 from .images import open_image, to_rgb
 from .metrics import DISTRIBUTION_METRICS, MetricSuite, fid_kid, pooled_psnr
 from .metrics import versions as metric_versions
@@ -43,6 +42,10 @@ log = logging.getLogger(__name__)
 RESULT_NAMES = {"psnr": "psnr-rgb", "ssim": "ssim-rgb", "ms_ssim": "ms-ssim-rgb"}
 FORMAT, FORMAT_VERSION = "rdeic-eval", 1
 MIN_SPAN = 4.0  # the baselines' interval spans at least this factor in bpp (one RDEIC rate: ×/÷ 2 around it)
+
+# Per image, padded: the metrics (LPIPS, DISTS, MS-SSIM) run on whole images, so eval keeps the limit the
+# codec had before it tiled; --max-pixels raises it.
+MAX_PIXELS = 4096 * 4096
 
 
 @dataclass(frozen=True)
@@ -71,10 +74,10 @@ class EvalSpec:
     backbones: str | None = None
     device: str = "cpu"
     seed: int | None = None  # decode seed of every image; None: the codec's, derived from the content
-    max_pixels: int = DEFAULT_MAX_PIXELS  # per image, padded to multiples of 64
+    max_pixels: int = MAX_PIXELS  # per image, padded to multiples of 64
 
 
-def load_images(source: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> dict[str, np.ndarray]:
+def load_images(source: str, max_pixels: int | None = MAX_PIXELS) -> dict[str, np.ndarray]:
     """The images under a folder or fsspec URL (recursively, sorted by relative path), as RGB uint8; each
     checked against ``max_pixels`` (padded, as the codec counts them) before its pixels are decoded."""
     import fsspec

@@ -106,3 +106,21 @@ def blend(
         ys, xs = scaled(window, out_scale)
         total[ys, xs] += weight
     return out.div_(total)
+
+
+def supported_pixels(config, memory_bytes: int, weight_bytes: int, cap: int) -> int:
+    """An estimate of the largest image (padded pixels, at most ``cap``) that a tiled encode and decode
+    fit into ``memory_bytes`` beside ``weight_bytes`` of weights.
+
+    What stays per tile batch: about six full-resolution maps of the VAE's first block per tile
+    (decoder activations). What grows with the image, per padded pixel: float32 copies of the image
+    and of the blended output (6 floats), the VAE features at 1/8 (in_channels / 64 floats) and the
+    guide hint with its synthesis at 1/8 (2 x M / 64 floats). On the tiny preset on CPU this predicts
+    34 bytes per pixel; bench/large_images.py measured 23-30 (RSS growth from 3 to 13 MP). 20% of
+    the memory is left for the runtime and fragmentation.
+    """
+    t = config.tiling
+    tile_bytes = t.batch * (SCALE * t.tile) ** 2 * int(config.vae["block_out_channels"][0]) * 4 * 6
+    pixel_bytes = 4 * (6 + config.compression.in_channels / 64 + 2 * config.compression.M / 64)
+    room = 0.8 * memory_bytes - weight_bytes - tile_bytes
+    return int(max(0, min(cap, room // pixel_bytes)))

@@ -124,7 +124,7 @@ def test_settings_are_checked_per_part_and_overwrite_rewrites_only_this_runs_par
     (out / "part-user-notes.txt").write_text("mine")
     assert _compress(str(tmp_path / "in" / "*.tar"), out, tiny_model_dir, "--max-pixels", "100000") == 2
     err = capsys.readouterr().err
-    assert "max_pixels=16777216" in err and "max_pixels=100000" in err and "--overwrite" in err
+    assert "max_pixels=auto" in err and "max_pixels=100000" in err and "--overwrite" in err
     # --overwrite with only one of the two shards cannot make the archive whole: refused, nothing deleted
     assert _compress(str(tmp_path / "in" / "shard-000000.tar"), out, tiny_model_dir, "--max-pixels", "100000",
                      "--overwrite") == 2

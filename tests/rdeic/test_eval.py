@@ -181,7 +181,7 @@ def test_images_come_from_any_fsspec_url_recursively_and_sorted():
 
 
 def test_an_image_over_the_pixel_limit_is_a_one_line_error_before_any_model_runs(tmp_path, capsys):
-    """The codec's default decode limit (4096² padded) holds for --images too; --max-pixels raises it."""
+    """Eval's default limit (4096² padded: its metrics run on whole images) holds for --images; --max-pixels raises it."""
     from rdeic.evaluate import load_images
 
     (tmp_path / "in").mkdir()
