@@ -226,3 +226,17 @@ def test_presets_set_their_thresholds_and_a_config_file_may_too():
     data["tiling"]["overlap"] = 9
     with pytest.raises(ConfigError, match="tiling: tile overlap"):
         ModelConfig.from_json(__import__("json").dumps(data))
+
+
+def test_supported_pixels_grows_with_the_memory_and_stops_at_the_cap():
+    from rdeic.tiling import supported_pixels
+
+    sd21, tiny = load_preset("sd21"), load_preset("tiny")
+    weights = 2_600_000_000  # sd21's UNet, VAE and control in float16, roughly
+    by_memory = [supported_pixels(sd21, gib << 30, weights, 1 << 40) for gib in (8, 24, 80, 141)]
+    assert by_memory == sorted(by_memory) and by_memory[1] > 6016 * 4032  # a 24 MP photo fits on a 24 GiB card
+    assert supported_pixels(sd21, 80 << 30, weights, bs.DEFAULT_MAX_PIXELS) == bs.DEFAULT_MAX_PIXELS
+    assert supported_pixels(sd21, 2 << 30, weights, bs.DEFAULT_MAX_PIXELS) == 0  # the weights alone do not fit
+    # per pixel the tiny preset keeps 4 x (6 + 64/64 + 2 x 48/64) = 34 bytes of whole-image tensors
+    a, b = (supported_pixels(tiny, gib << 30, 0, 1 << 40) for gib in (4, 8))
+    assert (b - a) == pytest.approx(0.8 * (4 << 30) / 34, rel=1e-6)
