@@ -21,8 +21,8 @@ Version 2 (what the codec writes), 18 bytes around the payload for a 512² image
     y            the y symbols' rANS stream: every byte up to the CRC32
     crc32        u32      CRC32 of every byte before it
 
-A stream without flag bit 6 decodes as one piece; with it, the UNet and the VAE decoder run over
-the plan's tiles (:mod:`rdeic.tiling`). Readers from before tiling refuse bit 6 as a reserved bit.
+A stream without flag bit 6 decodes as one piece; with it, the UNet runs over the plan's tiles and
+the VAE decoder over tiles of twice the size and overlap (:mod:`rdeic.tiling`). Readers from before tiling refuse bit 6 as a reserved bit.
 
 Version 1 (read for the archives written with it), 58 bytes around the payload for a 512² image
 and a 14-byte model name::

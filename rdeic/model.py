@@ -24,6 +24,12 @@ def randn(shape: Sequence[int], generator: torch.Generator | None, like: torch.T
     return torch.randn(tuple(shape), generator=generator).to(like)
 
 
+def _vae_batch(plan: TilePlan, batch: int) -> int:
+    """VAE tiles per call: about as many pixels as ``batch`` UNet tiles."""
+    vae = plan.vae()
+    return max(1, batch * plan.tile**2 // vae.tile**2)
+
+
 class RDEIC(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -80,10 +86,10 @@ class RDEIC(nn.Module):
         return h * self.config.scale_factor, moments
 
     def tiled_features(self, x: torch.Tensor, plan: TilePlan, batch: int = 4) -> torch.Tensor:
-        """The compression input of :meth:`vae_features`, from image tiles blended at 1/8."""
+        """The compression input of :meth:`vae_features`, from image tiles (``plan.vae()``) blended at 1/8."""
         channels = self.config.compression.in_channels
-        return blend(lambda tiles: self.vae_features(tiles[0])[0], [x], plan, channels, in_scale=SCALE, batch=batch,
-                     out_dtype=x.dtype)
+        return blend(lambda tiles: self.vae_features(tiles[0])[0], [x], plan.vae(), channels, in_scale=SCALE,
+                     batch=_vae_batch(plan, batch), out_dtype=x.dtype)
 
     def latent_from_moments(self, moments: torch.Tensor, generator: torch.Generator | None = None, sample: bool = False) -> torch.Tensor:
         """z0 = scale·(mean, or a posterior sample when ``sample``)."""
@@ -95,12 +101,12 @@ class RDEIC(nn.Module):
         return z * self.config.scale_factor
 
     def decode_latent(self, z: torch.Tensor, plan: TilePlan | None = None, batch: int = 4) -> torch.Tensor:
-        """VAE decoder: scaled latent -> image in [-1, 1] (not clamped); over ``plan``'s tiles, blended,
-        in float32."""
+        """VAE decoder: scaled latent -> image in [-1, 1] (not clamped); with ``plan``, over the tiles of
+        ``plan.vae()``, blended, in float32."""
         if plan is None:
             return self.vae.decode(z / self.config.scale_factor).sample
-        return blend(lambda tiles: self.vae.decode(tiles[0] / self.config.scale_factor).sample, [z], plan,
-                     self.vae.config.out_channels, out_scale=SCALE, batch=batch)
+        return blend(lambda tiles: self.vae.decode(tiles[0] / self.config.scale_factor).sample, [z], plan.vae(),
+                     self.vae.config.out_channels, out_scale=SCALE, batch=_vae_batch(plan, batch))
 
     # ---------------------------------------------------------- noise estimator
     def context(self, batch: int) -> torch.Tensor:

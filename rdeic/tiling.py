@@ -7,10 +7,10 @@ as one batch. Where tiles overlap, their outputs are averaged with weights that 
 from the tile's edge, so no tile's border shows.
 
 The plan depends only on the padded image size and the two numbers, which a tiled bitstream
-carries (:mod:`rdeic.bitstream`), so every decoder cuts the same tiles. Three passes use it: the VAE
-encoder (image tiles of 8x the latent size, blended at 1/8), the UNet with the control module at
-every sampler step (blended noise predictions, as in MultiDiffusion), and the VAE decoder
-(blended pixels). The compression module runs on the whole 1/8 map: it is convolutional and
+carries (:mod:`rdeic.bitstream`), so every decoder cuts the same tiles. Three passes use it: the UNet
+with the control module at every sampler step (blended noise predictions, as in MultiDiffusion), and,
+on tiles twice as large (:meth:`TilePlan.vae`), the VAE encoder (image tiles of 8x the latent size,
+blended at 1/8) and the VAE decoder (blended pixels). The compression module runs on the whole 1/8 map: it is convolutional and
 small, and its memory grows linearly with the pixels.
 """
 
@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from .config import MAX_TILE, plan_problem  # noqa: F401  (MAX_TILE: the bitstream's bound)
+from .config import MAX_TILE, plan_problem
 
 SCALE = 8  # image pixels per latent pixel
 
@@ -51,6 +51,12 @@ class TilePlan:
 
     def count(self, height: int, width: int) -> int:
         return len(self.starts(height)) * len(self.starts(width))
+
+    def vae(self) -> "TilePlan":
+        """The VAE's plan: tiles and overlap twice the UNet's (at most MAX_TILE). The VAE's GroupNorm layers
+        and mid-block attention see one tile; on larger tiles their statistics stay closer to the whole
+        image's (docs/codec.md, "Large images"). Part of the format: a tiled stream decodes with it."""
+        return TilePlan(min(2 * self.tile, MAX_TILE), min(2 * self.overlap, MAX_TILE // 2))
 
 
 def _ramp(length: int, overlap: int, device, dtype) -> torch.Tensor:

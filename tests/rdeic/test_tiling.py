@@ -21,7 +21,8 @@ from rdeic.tiling import TilePlan, blend
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "rdeic" / "models" / "rdeic-tiny-demo"
-FORCED = TilingConfig(min_pixels=4096, tile=32, overlap=8)  # 512x384 -> a latent of 64x48 -> 3x2 tiles
+# 512x384 -> a latent of 64x48 -> 5x4 UNet tiles of 16, 3x2 VAE tiles of 32
+FORCED = TilingConfig(min_pixels=4096, tile=16, overlap=4)
 
 
 def _coffee() -> np.ndarray:
@@ -37,7 +38,7 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float(10 * np.log10(255.0**2 / np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)))
 
 
-def _border_mask(height: int, width: int, plan: TilePlan, band: int = 4) -> np.ndarray:
+def _border_mask(height: int, width: int, plan: TilePlan, band: int = 2) -> np.ndarray:
     """Image pixels within ``band`` of a tile's edge inside the image."""
     mask = np.zeros((height, width), bool)
     for axis, n in ((0, height // 8), (1, width // 8)):
@@ -80,6 +81,8 @@ def test_plan_windows_are_one_shape_row_by_row():
     assert [(w[0].start, w[1].start) for w in windows] == [(0, 0), (0, 24), (0, 32), (16, 0), (16, 24), (16, 32)]
     assert {(w[0].stop - w[0].start, w[1].stop - w[1].start) for w in windows} == {(32, 32)}
     assert plan.count(48, 64) == 6 and plan.windows(20, 30) == [(slice(0, 20), slice(0, 30))]
+    # the VAE's tiles (part of the format: a tiled stream decodes with them)
+    assert plan.vae() == TilePlan(64, 16) and TilePlan(512, 200).vae() == TilePlan(512, 256)
 
 
 @pytest.mark.parametrize("tile,overlap", [(0, 1), (12, 2), (520, 8), (32, 0), (32, 17), (True, 1)])
@@ -126,7 +129,7 @@ def test_a_small_image_is_not_tiled_and_writes_the_same_bytes(demo, rng):
 def test_the_tiled_stream_carries_its_plan_and_any_codec_decodes_it_the_same(demo, demo_tiled):
     image = _coffee()
     stream = demo_tiled.compress([image])[0]
-    assert bs.read(stream).header.tiles == (32, 8)
+    assert bs.read(stream).header.tiles == (16, 4)
     pixels = demo_tiled.decompress([stream])[0]
     assert pixels.shape == image.shape
     # the decoder follows the stream, not its own tiling setting
@@ -137,18 +140,19 @@ def test_the_tiled_stream_carries_its_plan_and_any_codec_decodes_it_the_same(dem
 
 
 def test_tiled_decode_matches_the_whole_image_decode_without_seams(demo):
-    """The same symbols decoded whole and over 3x2 tiles: the two images agree to 30 dB, and next to the
-    tile borders they differ no more than inside the tiles (no seams)."""
+    """The same symbols decoded whole and over tiles (UNet 5x4 of 16, VAE 3x2 of 32; far smaller than the
+    configs' 64): the two images agree to 28 dB, and next to the tile borders they differ no more than
+    inside the tiles (no seams)."""
     image = _coffee()
     stream = demo.compress([image])[0]
     parsed = bs.read(stream)
-    tiled_stream = bs.write(replace(parsed.header, tiles=(32, 8)), parsed.hyper, parsed.y)
+    tiled_stream = bs.write(replace(parsed.header, tiles=(16, 4)), parsed.hyper, parsed.y)
     whole, tiled = demo.decompress([stream, tiled_stream])
-    assert _psnr(tiled, whole) > 30.0
+    assert _psnr(tiled, whole) > 28.0
     assert _psnr(tiled, image) > _psnr(whole, image) - 0.5
     error = np.abs(tiled.astype(np.float64) - whole.astype(np.float64)).mean(-1)
-    border = _border_mask(384, 512, TilePlan(32, 8))
-    assert border.mean() > 0.05  # five tile edges cross the image
+    border = _border_mask(384, 512, TilePlan(16, 4)) | _border_mask(384, 512, TilePlan(16, 4).vae())
+    assert border.mean() > 0.1  # the edges of both plans' tiles cross the image
     assert error[border].mean() < 1.25 * error[~border].mean()
 
 
