@@ -118,15 +118,18 @@ def supported_pixels(config, memory_bytes: int, weight_bytes: int, cap: int) -> 
     """An estimate of the largest image (padded pixels, at most ``cap``) that a tiled encode and decode
     fit into ``memory_bytes`` beside ``weight_bytes`` of weights.
 
-    What stays per tile batch: about six full-resolution maps of the VAE's first block per tile
-    (decoder activations). What grows with the image, per padded pixel: float32 copies of the image
-    and of the blended output (6 floats), the VAE features at 1/8 (in_channels / 64 floats) and the
-    guide hint with its synthesis at 1/8 (2 x M / 64 floats). On the tiny preset on CPU this predicts
-    34 bytes per pixel; bench/large_images.py measured 23-30 (RSS growth from 3 to 13 MP). 20% of
-    the memory is left for the runtime and fragmentation.
+    Per model call: about six full-resolution maps of the VAE's first block per tile (its decoder's
+    activations). Per padded pixel, what grows with the image: float32 copies of the image and of
+    the blended output (7 floats), the VAE features at 1/8 (in_channels / 64 floats), the guide hint
+    and its synthesis at 1/8 (2 x M / 64 floats), and the compression module's float64 working set
+    at 1/16 (0.35 x M bytes, as bench/large_images.py counted it). That is 55 bytes per pixel for the
+    tiny preset, whose RSS grew by 29-40 MiB per megapixel as measured, and 182 for sd21, whose
+    whole-image tensors the bench projects at 134-143. 20% of the memory is left for the runtime
+    and fragmentation.
     """
     t = config.tiling
     tile_bytes = t.batch * (SCALE * t.tile) ** 2 * int(config.vae["block_out_channels"][0]) * 4 * 6
-    pixel_bytes = 4 * (6 + config.compression.in_channels / 64 + 2 * config.compression.M / 64)
+    c = config.compression
+    pixel_bytes = 4 * (7 + c.in_channels / 64 + 2 * c.M / 64) + 0.35 * c.M
     room = 0.8 * memory_bytes - weight_bytes - tile_bytes
     return int(max(0, min(cap, room // pixel_bytes)))
