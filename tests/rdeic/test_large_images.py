@@ -13,8 +13,9 @@ from tests.large_image import PeakRSS, camera_photo
 
 pytestmark = pytest.mark.slow
 
-# Tiled, the tiny model's encode grows by ~30 MB per megapixel above a ~1.2 GB base (docs/performance.md):
-# 6000x4000 peaks near 2 GB. Untiled, 2048x1536 alone took 2.7 GB and 6000x4000 would not finish here.
+# Tiled, the tiny model's encode grows by ~40 MiB per megapixel above ~1.1 GiB (docs/performance.md):
+# 6000x4000 peaks near 2.1 GiB. Untiled, 2048x2048 alone took 3.0 GiB to decode, and a 6000x4000
+# encode before tiling peaked at 7.3 GiB.
 MEMORY_BOUND = 3 << 30
 
 
