@@ -188,7 +188,9 @@ class Codec:
         def analyse(batch: list[int]):
             ph, pw = bs.padded(images[batch[0]].shape[0]), bs.padded(images[batch[0]].shape[1])
             plan = self.tile_plan(ph, pw)
-            x = torch.stack([self._to_tensor(images[i], ph, pw) for i in batch]).to(self.device, self.model.encoder_dtype)
+            tensors = [self._to_tensor(images[i], ph, pw) for i in batch]
+            x = (tensors[0][None] if len(tensors) == 1 else torch.stack(tensors)).to(self.device, self.model.encoder_dtype)
+            del tensors  # a 24 MP image is 290 MB a copy in float32
             with self._numerics():
                 if plan is None:
                     feat = self.model.vae_features(x)[0]
@@ -213,7 +215,7 @@ class Codec:
 
     @staticmethod
     def _to_tensor(image: np.ndarray, ph: int, pw: int) -> torch.Tensor:
-        x = torch.tensor(image).permute(2, 0, 1).float() / 127.5 - 1.0
+        x = torch.tensor(image).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
         h, w = image.shape[:2]
         if (h, w) != (ph, pw):
             x = F.pad(x[None], (0, pw - w, 0, ph - h), mode="replicate")[0]
@@ -418,7 +420,6 @@ class Codec:
             z_c[ok].to(dtype), hint[ok].to(dtype), steps, detail, start.to(self.device, dtype), [n.to(self.device, dtype) for n in step_noises],
             plan=plan, batch=batch,
         )
-        del latents, z_c, hint
         x = self.model.decode_latent(z0, plan, batch).float()
         pixels = x.clamp_(-1, 1).add_(1).mul_(127.5).round_().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         del x
