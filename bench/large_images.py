@@ -59,6 +59,7 @@ warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=Futur
 from rdeic import bitstream as bs  # noqa: E402
 from rdeic.codec import Codec  # noqa: E402
 from rdeic.config import TilingConfig, load_preset  # noqa: E402
+from rdeic.metrics import mse, psnr_from_mse  # noqa: E402
 from rdeic.model import RDEIC, _vae_batch  # noqa: E402
 from rdeic.tiling import SCALE, TilePlan  # noqa: E402
 
@@ -224,8 +225,7 @@ def part_sizes(args) -> None:
 
 # ---------------------------------------------------------------- part 2: seams
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+    return psnr_from_mse(mse(a, b))
 
 
 def border_distance(plan: TilePlan, w: int, h: int) -> tuple[np.ndarray, np.ndarray]:

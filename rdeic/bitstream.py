@@ -22,7 +22,8 @@ Version 2 (what the codec writes), 18 bytes around the payload for a 512² image
     crc32        u32      CRC32 of every byte before it
 
 A stream without flag bit 6 decodes as one piece; with it, the UNet runs over the plan's tiles and
-the VAE decoder over tiles of twice the size and overlap (:mod:`rdeic.tiling`). Readers from before tiling refuse bit 6 as a reserved bit.
+the VAE decoder over tiles of twice the size and overlap (:mod:`rdeic.tiling`). Readers from before
+tiling refuse bit 6 as a reserved bit.
 
 Version 1 (read for the archives written with it), 58 bytes around the payload for a 512² image
 and a 14-byte model name::
@@ -253,7 +254,7 @@ def _write_v2(header: Header, hyper: bytes, y: bytes) -> bytes:
     tiles = b""
     if header.tiles is not None:
         problem = plan_problem(*header.tiles)
-        if problem or header.tiles[0] % 8:
+        if problem:
             raise ValueError(f"bad tile plan {header.tiles}: {problem}")
         tiles = _varint(header.tiles[0] // 8) + _varint(header.tiles[1])
     flags = (header.index_bits - 1) | (_SEED_FLAG if seeded else 0) | (_TILED_FLAG if tiles else 0)

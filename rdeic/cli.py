@@ -96,7 +96,7 @@ def cmd_info(args: argparse.Namespace) -> None:
         "padded_size": [h.pad_width, h.pad_height],
         "padded_pixels": h.padded_pixels,
         "tiles": None if h.tiles is None else {"tile": h.tiles[0], "overlap": h.tiles[1]},  # latent pixels
-        "over_default_max_pixels": _over_default_limit(h),
+        "over_default_max_pixels": h.padded_pixels > bs.size_limit(h, bs.DEFAULT_MAX_PIXELS),
         "y_shape": list(h.y_shape),
         "z_shape": list(h.z_shape),
         "index_bits": h.index_bits,
@@ -113,14 +113,6 @@ def cmd_info(args: argparse.Namespace) -> None:
         print(f"note: over the default decode limit of {bs.size_limit(h, bs.DEFAULT_MAX_PIXELS)} padded pixels"
               f"{'' if h.tiles else ' for an untiled stream'}; decode it with --max-pixels {h.padded_pixels} if you "
               f"trust its source")
-
-
-def _over_default_limit(h: bs.Header) -> bool:
-    try:
-        bs.check_size(h, bs.DEFAULT_MAX_PIXELS)
-    except ImageTooLargeError:
-        return True
-    return False
 
 
 def _positive_int(text: str) -> int:

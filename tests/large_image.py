@@ -1,4 +1,4 @@
-"""A 6000x4000 camera-size test photo and a watcher of peak memory, shared by the large-image tests."""
+"""A held-out photo (also at 6000x4000 camera size) and a watcher of peak memory, for the tiling tests."""
 
 from __future__ import annotations
 
@@ -13,11 +13,16 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def camera_photo(path: Path, size=(6000, 4000)) -> Path:
-    """A held-out photo (coffee.png from the example shards) resized with Lanczos to ``size``, as JPEG."""
+def held_out_photo() -> Image.Image:
+    """coffee.png (600x400) from the example shards, which the demo model never trained on, as RGB."""
     with tarfile.open(ROOT / "examples" / "shards" / "photos-000000.tar") as tar:
         data = tar.extractfile("coffee.png").read()
-    Image.open(io.BytesIO(data)).convert("RGB").resize(size, Image.LANCZOS).save(path, quality=92)
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def camera_photo(path: Path, size=(6000, 4000)) -> Path:
+    """The held-out photo resized with Lanczos to ``size``, as JPEG."""
+    held_out_photo().resize(size, Image.LANCZOS).save(path, quality=92)
     return path
 
 

@@ -3,8 +3,6 @@ small images by lowering the tiling threshold."""
 
 from __future__ import annotations
 
-import io
-import tarfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,8 +14,10 @@ from rdeic import bitstream as bs
 from rdeic.codec import Codec
 from rdeic.config import ModelConfig, TilingConfig, load_preset, to_dict
 from rdeic.errors import ConfigError, HeaderError
+from rdeic.metrics import mse, psnr_from_mse
 from rdeic.modeldir import decoding_config
 from rdeic.tiling import TilePlan, blend
+from tests.large_image import held_out_photo
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "rdeic" / "models" / "rdeic-tiny-demo"
@@ -27,15 +27,11 @@ FORCED = TilingConfig(min_pixels=4096, tile=16, overlap=4)
 
 def _coffee() -> np.ndarray:
     """A held-out photo (the demo model never trained on it), 512x384."""
-    from PIL import Image
-
-    with tarfile.open(ROOT / "examples" / "shards" / "photos-000000.tar") as tar:
-        data = tar.extractfile("coffee.png").read()
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))[:384, :512].copy()
+    return np.asarray(held_out_photo())[:384, :512].copy()
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    return float(10 * np.log10(255.0**2 / np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)))
+    return psnr_from_mse(mse(a, b))
 
 
 def _border_mask(height: int, width: int, plan: TilePlan, band: int = 2) -> np.ndarray:
