@@ -83,7 +83,7 @@ class AuditSpec:
     storage: storage.StorageOptions = field(default_factory=storage.StorageOptions)
     quotas: dict = field(default_factory=dict)  # part id -> rows to draw
     seed: str = "0"
-    metrics: tuple[str, ...] = ("psnr", "ssim", "ms_ssim", "lpips", "dists", "niqe", "fid", "kid")
+    metrics: tuple[str, ...] = ("psnr", "ssim", "ms_ssim", "delta_e", "lpips", "dists", "niqe", "fid", "kid")
     baselines: tuple[str, ...] = ("jpeg", "webp", "avif")
     steps: int | None = None
     detail: float = 1.0

@@ -28,6 +28,7 @@ HEADLINE = (
     ("psnr (pooled MSE)", "psnr", "pooled"),
     ("ssim", "ssim", "mean"),
     ("ms_ssim", "ms_ssim", "mean"),
+    ("delta_e (colour error)", "delta_e", "mean"),
     ("lpips", "lpips", "mean"),
     ("dists", "dists", "mean"),
     ("niqe", "niqe", "mean"),

@@ -65,7 +65,7 @@ def add_eval_parser(sub, default_model_help: str) -> None:
     p.add_argument("--anchor", help="the curve BD-rates are against: a baseline name or 'rdeic steps=L detail=λs' "
                                     "(default: the first baseline, else the first curve)")
     p.add_argument("--metrics", type=_names, metavar="M[,M...]",
-                   help="of psnr, ssim, ms_ssim, lpips, dists, niqe, fid, kid (default: all; a missing backbone "
+                   help="of psnr, ssim, ms_ssim, delta_e, lpips, dists, niqe, fid, kid (default: all; a missing backbone "
                         "makes its metric 'unavailable (missing FILE)')")
     p.add_argument("--backbones", metavar="DIR", help="folder of the metrics' backbone weights (else $RDEIC_BACKBONES, "
                                                       "else $TORCH_HOME/hub/checkpoints); never downloaded")

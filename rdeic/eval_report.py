@@ -21,6 +21,7 @@ QUANTITIES = (
     ("ms-ssim-rgb", "ms-ssim-rgb"),
     ("ms-ssim-rgb-db", "ms-ssim-rgb in dB"),
     ("ssim-rgb", "ssim-rgb"),
+    ("delta_e", "delta_e, mean colour error ΔE*ab (lower is better)"),
     ("lpips", "lpips (lower is better)"),
     ("dists", "dists (lower is better)"),
     ("niqe", "niqe (lower is better)"),

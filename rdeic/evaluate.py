@@ -67,7 +67,7 @@ class EvalSpec:
     models: tuple[str, ...]
     settings: tuple[Setting, ...]
     baselines: tuple[str, ...] = ("jpeg", "webp", "avif")
-    metrics: tuple[str, ...] = ("psnr", "ssim", "ms_ssim", "lpips", "dists", "niqe", "fid", "kid")
+    metrics: tuple[str, ...] = ("psnr", "ssim", "ms_ssim", "delta_e", "lpips", "dists", "niqe", "fid", "kid")
     anchor: str | None = None
     points: int = 6
     bpp_range: tuple[float, float] | None = None

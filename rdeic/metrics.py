@@ -1,8 +1,8 @@
 """Image quality metrics, shared by training (validation), the audit job and ``rdeic eval``.
 
-PSNR, SSIM and MS-SSIM need no weights. LPIPS (AlexNet), DISTS (VGG16) and FID/KID (Inception)
-need pretrained backbones, and NIQE (through the optional ``pyiqa``) a parameter file; they are
-read from local files only, never downloaded:
+PSNR, SSIM, MS-SSIM and the colour error ``delta_e`` need no weights. LPIPS (AlexNet), DISTS (VGG16)
+and FID/KID (Inception) need pretrained backbones, and NIQE (through the optional ``pyiqa``) a
+parameter file; they are read from local files only, never downloaded:
 
 1. an explicit path argument, else
 2. a backbones directory given by the caller (``MetricSuite(backbones=...)``), else
@@ -42,10 +42,10 @@ BACKBONE_FILES = {
     "niqe": "niqe_modelparameters.mat",  # pyiqa's NIQE natural-scene statistics
 }
 
-PAIR_METRICS = ("psnr", "ssim", "ms_ssim", "lpips", "dists", "niqe")
+PAIR_METRICS = ("psnr", "ssim", "ms_ssim", "delta_e", "lpips", "dists", "niqe")
 DISTRIBUTION_METRICS = ("fid", "kid")
 METRIC_NAMES = PAIR_METRICS + DISTRIBUTION_METRICS
-LOWER_IS_BETTER = frozenset({"lpips", "dists", "niqe", "fid", "kid"})  # the others: higher is better
+LOWER_IS_BETTER = frozenset({"delta_e", "lpips", "dists", "niqe", "fid", "kid"})  # the others: higher is better
 MS_SSIM_MIN_SIDE = 161
 INCEPTION_DIM = 2048
 
@@ -141,6 +141,41 @@ def ms_ssim(a, b) -> float:
     if min(x.shape[-2:]) < MS_SSIM_MIN_SIDE:
         raise ValueError(f"MS-SSIM needs both image sides > 160 pixels, got {tuple(x.shape[-2:])}")
     return float(_ms_ssim(x, y, data_range=1.0, size_average=True))
+
+
+# sRGB primaries to CIE XYZ, and the D65 white point (IEC 61966-2-1).
+_SRGB_TO_XYZ = ((0.4124564, 0.3575761, 0.1804375), (0.2126729, 0.7151522, 0.0721750), (0.0193339, 0.1191920, 0.9503041))
+_D65 = (0.95047, 1.0, 1.08883)
+COLOUR_BLOCK = 8  # delta_e compares 8×8-pixel means: a colour cast, not the texture PSNR already measures
+
+
+def srgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) sRGB in [0, 1] → CIELAB (L*, a*, b*) under the D65 white, in float64."""
+    rgb = rgb.double()
+    linear = torch.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
+    matrix = torch.tensor(_SRGB_TO_XYZ, dtype=torch.float64, device=rgb.device)
+    white = torch.tensor(_D65, dtype=torch.float64, device=rgb.device)
+    xyz = torch.einsum("ij,bjhw->bihw", matrix, linear) / white[:, None, None]
+    delta = 6 / 29
+    f = torch.where(xyz > delta**3, xyz.clamp_min(delta**3) ** (1 / 3), xyz / (3 * delta**2) + 4 / 29)
+    return torch.stack((116 * f[:, 1] - 16, 500 * (f[:, 0] - f[:, 1]), 200 * (f[:, 1] - f[:, 2])), dim=1)
+
+
+def delta_e(a, b, block: int = COLOUR_BLOCK) -> float:
+    """Mean colour error: the CIE76 ΔE*ab between the two images' ``block``×``block`` pixel means, averaged
+    over the blocks (partial blocks at the edges included). About 2.3 is a just-noticeable difference; a
+    cast of 5 levels in one channel of a mid-grey image is 2.0 (R) to 3.8 (G)."""
+    x, y = to_unit(a), to_unit(b)
+    if x.shape != y.shape:
+        raise ValueError(f"images differ in shape: {tuple(x.shape)} vs {tuple(y.shape)}")
+    pool = lambda t: F.avg_pool2d(t.double(), block, ceil_mode=True)  # noqa: E731
+    return float(torch.linalg.vector_norm(srgb_to_lab(pool(x)) - srgb_to_lab(pool(y)), dim=1).mean())
+
+
+def channel_shift(a, b) -> tuple[float, float, float]:
+    """Mean of ``b`` minus mean of ``a`` in each of R, G, B, on the 0..255 scale: the direction of a cast."""
+    x, y = to_unit(a).double(), to_unit(b).double()
+    return tuple(float(v) * 255.0 for v in (y - x).mean(dim=(0, 2, 3)))
 
 
 def ms_ssim_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -427,6 +462,8 @@ class MetricSuite:
             return ssim(x, y)
         if name == "ms_ssim":
             return ms_ssim(x, y)
+        if name == "delta_e":
+            return delta_e(x, y)
         if name == "lpips":
             return float(self._nets["lpips"](x * 2 - 1, y * 2 - 1))
         if name == "dists":

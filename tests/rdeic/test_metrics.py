@@ -276,3 +276,38 @@ def test_pooled_psnr_weighs_images_by_their_pixels():
     assert pooled_psnr([(10.0, 100), (40.0, 300)]) == pytest.approx(psnr_from_mse((10 * 100 + 40 * 300) / 400))
     assert pooled_psnr([(None, 100)]) is None and pooled_psnr([]) is None
     assert pooled_psnr([(0.0, 10)]) == float("inf")
+
+
+def test_lab_of_known_colours():
+    """sRGB white, red and mid-grey against their published CIELAB (D65) values."""
+    colours = np.array([[[255, 255, 255], [255, 0, 0], [119, 119, 119], [0, 0, 0]]], np.uint8)
+    lab = metrics.srgb_to_lab(metrics.to_unit(colours))[0].reshape(3, -1).T.numpy()
+    assert lab[0] == pytest.approx([100.0, 0.0, 0.0], abs=1e-3)
+    assert lab[1] == pytest.approx([53.24, 80.09, 67.20], abs=0.01)
+    assert lab[2] == pytest.approx([50.0, 0.0, 0.0], abs=0.1)
+    assert lab[3] == pytest.approx([0.0, 0.0, 0.0], abs=1e-6)
+
+
+def test_delta_e_measures_a_cast_and_not_texture(rng):
+    black, white = np.zeros((16, 24, 3), np.uint8), np.full((16, 24, 3), 255, np.uint8)
+    assert metrics.delta_e(black, white) == pytest.approx(100.0, abs=1e-3)
+    img = random_image(rng, 64, 80)
+    assert metrics.delta_e(img, img) == 0.0
+    cast = img.copy()
+    cast[..., 0] = np.clip(cast[..., 0].astype(int) + 20, 0, 255)  # a red cast
+    noise = np.clip(img.astype(int) + rng.choice([-20, 20], img.shape), 0, 255).astype(np.uint8)  # texture, zero mean
+    assert metrics.mse(img, cast) < metrics.mse(img, noise)  # PSNR ranks the cast better ...
+    assert metrics.delta_e(img, cast) > 3 * metrics.delta_e(img, noise)  # ... ΔE ranks it far worse
+    assert metrics.channel_shift(img, cast)[0] > 15 and abs(metrics.channel_shift(img, cast)[1]) < 1e-9
+    assert metrics.delta_e(random_image(rng, 5, 7), random_image(rng, 5, 7)) > 0  # smaller than one block
+    with pytest.raises(ValueError, match="differ in shape"):
+        metrics.delta_e(img, img[:32])
+
+
+def test_suite_computes_delta_e_as_a_lower_is_better_pair_metric(rng):
+    suite = metrics.MetricSuite("psnr,delta_e")
+    img = random_image(rng, 40, 48)
+    tinted = np.clip(img.astype(int) + [0, 0, 12], 0, 255).astype(np.uint8)
+    row = suite.pair(img, tinted)
+    assert row["delta_e"] == pytest.approx(metrics.delta_e(img, tinted)) and row["delta_e"] > 1
+    assert "delta_e" in metrics.LOWER_IS_BETTER and "delta_e" in suite.seconds
