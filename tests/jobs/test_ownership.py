@@ -70,9 +70,14 @@ def test_files_in_our_output_that_we_did_not_write_are_never_touched(ray_cluster
 
 
 def _start_stalled(args: list[str], ray_address: str) -> subprocess.Popen:
+    import signal
+
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    # As from a terminal: a suite started in the background (`cmd &`, nohup) passes SIGINT on ignored, and
+    # Python then never raises KeyboardInterrupt.
     return subprocess.Popen([sys.executable, "-m", "jobs.cli", *args, "--ray-address", ray_address, "-q"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
