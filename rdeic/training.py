@@ -308,7 +308,7 @@ def train(cfg: TrainConfig, device: torch.device | str = "cpu", rank: int = 0, w
     """The training loop of ``rdeic train`` and of each ``rdeic-job train`` worker."""
     device = torch.device(device)
     trainer = build_trainer(cfg, device, rank, world, resume)
-    t0, last, pending = time.perf_counter(), {}, []
+    t0, first, last, pending = time.perf_counter(), trainer.step_count, {}, []
     while trainer.step_count < cfg.steps:
         terms = trainer.step(trainer.next_batch())
         step = trainer.step_count
@@ -316,7 +316,7 @@ def train(cfg: TrainConfig, device: torch.device | str = "cpu", rank: int = 0, w
         if cfg.validate_every and step % cfg.validate_every == 0 and step < cfg.steps and rank == 0:
             metrics.update(validate(trainer))
         if step % cfg.log_every == 0 or step == cfg.steps:
-            rate = step / max(time.perf_counter() - t0, 1e-9)
+            rate = (step - first) / max(time.perf_counter() - t0, 1e-9)
             log.info("step %d/%d %s (%.2f steps/s)", step, cfg.steps, _fmt(terms), rate)
         if report is not None:
             report(metrics)

@@ -87,6 +87,20 @@ def test_resume_gives_the_same_next_loss(shards, tmp_path):
     assert resumed[0]["loss"] == straight[2]["loss"] and resumed[1]["loss"] == straight[3]["loss"]
 
 
+def test_the_logged_rate_counts_only_the_steps_this_run_made(shards, tmp_path, monkeypatch, caplog):
+    import types
+
+    import rdeic.training as training
+
+    train(_config(shards, tmp_path, steps=2))
+    clock = iter(range(0, 10_000, 10))  # each reading of the clock is 10 s after the last
+    monkeypatch.setattr(training, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    with caplog.at_level("INFO", logger="rdeic"):
+        train(_config(shards, tmp_path, steps=3, log_every=1))
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("step 3/3"))
+    assert line.endswith("(0.10 steps/s)"), line  # 1 step in 10 s; not the 2 resumed steps too
+
+
 def test_config_errors_are_readable(shards, tmp_path):
     from rdeic.errors import ConfigError
 
