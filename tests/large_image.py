@@ -1,4 +1,4 @@
-"""A held-out photo (also at 6000x4000 camera size) and a watcher of peak memory, for the tiling tests."""
+"""Held-out photos (one also at 6000x4000 camera size) and a watcher of peak memory, for the tiling and demo-model tests."""
 
 from __future__ import annotations
 
@@ -13,11 +13,16 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def held_out_photo() -> Image.Image:
-    """coffee.png (600x400) from the example shards, which the demo model never trained on, as RGB."""
-    with tarfile.open(ROOT / "examples" / "shards" / "photos-000000.tar") as tar:
-        data = tar.extractfile("coffee.png").read()
-    return Image.open(io.BytesIO(data)).convert("RGB")
+HELD_OUT = ("chelsea.png", "coffee.png", "grace_hopper.jpg")  # in the example shards; never trained on
+
+
+def held_out_photo(name: str = "coffee.png") -> Image.Image:
+    """One of the example shards' photos (default coffee.png, 600x400), which the demo model never trained on, as RGB."""
+    for shard in sorted((ROOT / "examples" / "shards").glob("photos-*.tar")):
+        with tarfile.open(shard) as tar:
+            if name in tar.getnames():
+                return Image.open(io.BytesIO(tar.extractfile(name).read())).convert("RGB")
+    raise FileNotFoundError(f"{name} is not in examples/shards")
 
 
 def camera_photo(path: Path, size=(6000, 4000)) -> Path:
